@@ -1,0 +1,122 @@
+"""CatalogModel: one model an operator offers, with where its weights come from and what it needs."""
+from __future__ import annotations
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator, RegexValidator
+from django.db import models
+from django.db.models import Q
+
+# Canonical ids are slugs that may carry a version dot, as model names do: "qwen2.5-coder-32b".
+MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$|^[a-z0-9]$"
+model_id_validator = RegexValidator(
+    MODEL_ID_PATTERN,
+    "Use lowercase letters, digits, dots, hyphens and underscores, starting and ending with a letter or digit.",
+    code="invalid_model_id",
+)
+
+
+class WeightFormat(models.TextChoices):
+    GGUF = "gguf", "GGUF"
+    SAFETENSORS = "safetensors", "safetensors"
+
+
+class EngineName(models.TextChoices):
+    LLAMACPP = "llamacpp", "llama.cpp"
+    VLLM = "vllm", "vLLM"
+
+
+# Which engine can serve which weight format.
+ENGINE_FOR_FORMAT = {WeightFormat.GGUF: EngineName.LLAMACPP, WeightFormat.SAFETENSORS: EngineName.VLLM}
+
+CAPABILITIES = ("chat", "tools", "json", "vision")
+
+
+class CatalogModel(models.Model):
+    model_id = models.CharField(
+        "canonical id", max_length=100, unique=True, validators=[model_id_validator],
+        help_text="What clients send as 'model', e.g. qwen2.5-coder-32b.",
+    )
+    display_name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+
+    hf_repo = models.CharField("Hugging Face repo", max_length=200, blank=True, help_text="e.g. Qwen/Qwen3-8B-GGUF")
+    hf_revision = models.CharField(
+        "revision", max_length=100, blank=True, default="main",
+        help_text="Branch, tag or commit; pin a commit for reproducible loads.",
+    )
+    hf_files = models.JSONField(
+        "files or patterns", default=list, blank=True,
+        help_text='File names or glob patterns to fetch, e.g. ["*Q4_K_M.gguf"]; empty fetches the whole repo.',
+    )
+    local_path = models.CharField(
+        max_length=500, blank=True,
+        help_text="A file or folder on the node; used instead of the Hub when set.",
+    )
+
+    weight_format = models.CharField(max_length=20, choices=WeightFormat.choices)
+    engine = models.CharField(max_length=20, choices=EngineName.choices)
+    chat_format = models.CharField(
+        max_length=50, blank=True,
+        help_text="llama.cpp chat format for GGUF files without a chat template (e.g. gemma).",
+    )
+    context_length = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+
+    supports_chat = models.BooleanField("chat", default=True)
+    supports_tools = models.BooleanField("tools", default=False)
+    supports_json = models.BooleanField("JSON mode", default=False)
+    supports_vision = models.BooleanField("vision", default=False)
+
+    vram_mb = models.PositiveIntegerField(
+        "VRAM footprint (MB)", validators=[MinValueValidator(1)],
+        help_text="Memory the loaded model needs, weights plus KV cache at the context length.",
+    )
+    disk_mb = models.PositiveIntegerField("size on disk (MB)", validators=[MinValueValidator(1)])
+
+    pinned = models.BooleanField(default=False, help_text="Never evicted to make room for another model.")
+    enabled = models.BooleanField(default=True, help_text="Offered to users through /v1.")
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model_id"]
+        verbose_name = "catalog model"
+        constraints = [
+            models.CheckConstraint(condition=Q(vram_mb__gt=0), name="catalog_vram_positive"),
+            models.CheckConstraint(condition=Q(disk_mb__gt=0), name="catalog_disk_positive"),
+            models.CheckConstraint(condition=Q(context_length__gt=0), name="catalog_context_positive"),
+            models.CheckConstraint(
+                condition=Q(weight_format="gguf", engine="llamacpp") | Q(weight_format="safetensors", engine="vllm"),
+                name="catalog_engine_matches_format",
+            ),
+            models.CheckConstraint(condition=~Q(hf_repo="") | ~Q(local_path=""), name="catalog_has_source"),
+        ]
+
+    def __str__(self) -> str:
+        return self.model_id
+
+    def clean(self) -> None:
+        errors: dict[str, str] = {}
+        if self.weight_format and self.engine and ENGINE_FOR_FORMAT.get(self.weight_format) != self.engine:
+            errors["engine"] = (
+                f"{self.get_engine_display()} cannot serve {self.get_weight_format_display()} weights; "
+                f"use {ENGINE_FOR_FORMAT[self.weight_format].label}."
+            )
+        if not self.hf_repo and not self.local_path:
+            errors["hf_repo"] = "Give a Hugging Face repo or a local path."
+        if self.hf_repo and "/" not in self.hf_repo:
+            errors["hf_repo"] = "A Hugging Face repo id looks like 'org/name'."
+        if not isinstance(self.hf_files, list) or not all(isinstance(f, str) and f for f in self.hf_files):
+            errors["hf_files"] = "A list of file names or glob patterns."
+        if errors:
+            raise ValidationError(errors)
+
+    @property
+    def capabilities(self) -> list[str]:
+        return [name for name in CAPABILITIES if getattr(self, f"supports_{name}")]
+
+    @property
+    def source(self) -> str:
+        if self.local_path:
+            return f"local:{self.local_path}"
+        return f"hf:{self.hf_repo}@{self.hf_revision or 'main'}"

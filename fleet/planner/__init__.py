@@ -1,0 +1,37 @@
+"""The placement planner: pure functions from the fleet's state and demand to a decision."""
+
+from fleet.planner.placement import (
+    freed_per_gpu_mb,
+    idle_instances,
+    place,
+    share_mb,
+    split_options,
+)
+from fleet.planner.types import (
+    BUSY,
+    NO_CAPACITY,
+    Demand,
+    GpuState,
+    LoadedInstance,
+    ModelSpec,
+    NodeState,
+    NoPlacement,
+    Placement,
+)
+
+__all__ = [
+    "BUSY",
+    "NO_CAPACITY",
+    "Demand",
+    "GpuState",
+    "LoadedInstance",
+    "ModelSpec",
+    "NodeState",
+    "NoPlacement",
+    "Placement",
+    "freed_per_gpu_mb",
+    "idle_instances",
+    "place",
+    "share_mb",
+    "split_options",
+]

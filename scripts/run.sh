@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Starts Porten on this machine in the foreground: daphne, this node's Celery worker, beat and Flower.
+# Ctrl-C stops all of them (and the engines the node started).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+export PORTEN_PORT="${PORTEN_PORT:-8000}"
+export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
+export DJANGO_SETTINGS_MODULE=porten.settings
+VAR_DIR="${PORTEN_VAR_DIR:-$PWD/var}"
+mkdir -p "$VAR_DIR/logs" "$VAR_DIR/redis"
+
+pids=()
+stopping=0
+cleanup() {
+  [ "$stopping" -eq 1 ] && return
+  stopping=1
+  echo; echo "porten: stopping..."
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  wait "${pids[@]}" 2>/dev/null || true
+  "$PY" manage.py stop_node_engines || true
+  echo "porten: stopped."
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if ! redis-cli -u "$REDIS_URL" ping >/dev/null 2>&1; then
+  case "$REDIS_URL" in
+    redis://127.0.0.1:*|redis://localhost:*)
+      port="$(echo "$REDIS_URL" | sed -E 's#redis://[^:]+:([0-9]+).*#\1#')"
+      echo "porten: starting a local Redis on port $port (data in $VAR_DIR/redis)"
+      redis-server --port "$port" --bind 127.0.0.1 --dir "$VAR_DIR/redis" --save 60 1 --loglevel warning &
+      pids+=($!)
+      for _ in $(seq 50); do redis-cli -u "$REDIS_URL" ping >/dev/null 2>&1 && break; sleep 0.1; done ;;
+    *) echo "porten: Redis at $REDIS_URL does not answer" >&2; exit 1 ;;
+  esac
+fi
+
+"$PY" manage.py migrate --noinput -v0
+"$PY" manage.py porten_setup
+
+.venv/bin/daphne -b 127.0.0.1 -p "$PORTEN_PORT" porten.asgi:application &
+pids+=($!)
+"$PY" manage.py node_worker --hub &
+pids+=($!)
+.venv/bin/celery -A porten beat --loglevel INFO -s "$VAR_DIR/celerybeat-schedule" &
+pids+=($!)
+.venv/bin/celery -A porten flower --address=127.0.0.1 --port=5555 >"$VAR_DIR/logs/flower.log" 2>&1 &
+pids+=($!)
+
+cat <<MSG
+
+porten: up. Playground http://127.0.0.1:$PORTEN_PORT/playground/  Admin http://127.0.0.1:$PORTEN_PORT/admin/
+        API http://127.0.0.1:$PORTEN_PORT/v1  Flower http://127.0.0.1:5555/  (Ctrl-C stops everything)
+
+MSG
+# Any one part dying takes the whole stack down, so nothing runs half-started.
+wait -n "${pids[@]}"

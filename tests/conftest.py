@@ -1,0 +1,88 @@
+"""Shared fixtures: API keys, catalog rows, and a live daphne hub on the test database."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from porten.keys import api_key_create
+from tests.factories import CatalogModelFactory
+from tests.services_plugin import free_port
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def api_key(db) -> str:
+    _, raw_key = api_key_create(name="test")
+    return raw_key
+
+
+@pytest.fixture
+def auth_headers(api_key) -> dict[str, str]:
+    return {"HTTP_AUTHORIZATION": f"Bearer {api_key}"}
+
+
+@pytest.fixture
+def catalog_model(db):
+    return CatalogModelFactory
+
+
+def service_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess (hub, worker) that must share this test run's state."""
+    from django.conf import settings
+
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="porten.settings",
+        PORTEN_SQLITE_PATH=str(settings.DATABASES["default"]["NAME"]),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def wait_for_http(url: str, *, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"process exited with {proc.returncode} before answering {url}:\n{tail}")
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout_s} s")
+
+
+class LiveHub:
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path) -> None:
+        self.url, self.proc, self.log = url, proc, log
+
+
+@pytest.fixture(scope="session")
+def live_hub(django_db_setup, django_db_blocker, tmp_path_factory):
+    """daphne serving porten.asgi on a free port, reading the test database."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("hub") / "daphne.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "porten.asgi:application"],
+            cwd=REPO_ROOT, env=service_env(), stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url + "/healthz", timeout_s=30, proc=proc, log=log)
+        yield LiveHub(url, proc, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

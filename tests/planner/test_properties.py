@@ -1,0 +1,288 @@
+"""Properties of place() on random small fleets, checked against a brute-force oracle."""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fleet.planner import (
+    BUSY,
+    NO_CAPACITY,
+    Demand,
+    GpuState,
+    LoadedInstance,
+    ModelSpec,
+    NodeState,
+    NoPlacement,
+    Placement,
+    place,
+)
+
+NOW_S = 1_000.0
+MIN_RESIDENCY_S = 120.0
+MODEL_IDS = ["m0", "m1", "m2", "m3", "m4", "m5"]
+REQUESTED = "wanted-model"
+
+SETTINGS = settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+# Memory accounting as stated in fleet/planner/placement.py, restated here on purpose.
+def need_per_gpu(vram_mb: int, k: int) -> int:
+    return -(-vram_mb // k)
+
+
+def frees_per_gpu(inst: LoadedInstance) -> int:
+    return inst.vram_mb // len(inst.gpu_indices)
+
+
+@st.composite
+def fleets(draw, max_instances: int = 5) -> list[NodeState]:
+    nodes = []
+    instance_id = 0
+    for n in range(draw(st.integers(1, 3))):
+        n_gpus = draw(st.integers(1, 3))
+        totals = [draw(st.sampled_from([8_000, 16_000, 24_000])) for _ in range(n_gpus)]
+        used = [0] * n_gpus
+        instances = []
+        for _ in range(draw(st.integers(0, max_instances))):
+            span = draw(st.integers(1, n_gpus))
+            first = draw(st.integers(0, n_gpus - span))
+            gpus = tuple(range(first, first + span))
+            vram = draw(st.integers(1, 24)) * 1_000 + draw(st.sampled_from([0, 0, 1, 333]))
+            per = need_per_gpu(vram, span)
+            if any(used[g] + per > totals[g] for g in gpus):
+                continue
+            for g in gpus:
+                used[g] += per
+            instances.append(
+                LoadedInstance(
+                    instance_id=instance_id,
+                    model_id=draw(st.sampled_from(MODEL_IDS)),
+                    vram_mb=vram,
+                    gpu_indices=gpus,
+                    pinned=draw(st.sampled_from([False, False, False, True])),
+                    loaded_at_s=draw(st.sampled_from([0.0, 500.0, 900.0, 990.0])),
+                    reload_s=float(draw(st.integers(1, 60))),
+                    evictable=draw(st.sampled_from([True, True, True, False])),
+                )
+            )
+            instance_id += 1
+        gpu_states = tuple(
+            GpuState(
+                index=i,
+                total_mb=totals[i],
+                # Engines and CUDA contexts hold memory no instance accounts for.
+                free_mb=totals[i] - used[i] - min(draw(st.sampled_from([0, 0, 700])), totals[i] - used[i]),
+            )
+            for i in range(n_gpus)
+        )
+        nodes.append(
+            NodeState(
+                name=f"node-{n}",
+                gpus=gpu_states,
+                instances=tuple(instances),
+                models_on_disk=frozenset([REQUESTED]) if draw(st.booleans()) else frozenset(),
+                online=draw(st.sampled_from([True, True, True, False])),
+            )
+        )
+    return nodes
+
+
+demands = st.fixed_dictionaries(
+    {m: st.integers(0, 5) for m in MODEL_IDS + [REQUESTED]}
+).map(lambda d: Demand({k: float(v) for k, v in d.items()}))
+
+models = st.one_of(
+    st.integers(1, 60).map(lambda n: n * 1_000), st.integers(500, 60_000)
+).map(lambda vram: ModelSpec(REQUESTED, vram))
+
+
+# --- the oracle: every legal plan, by brute force --------------------------------------
+
+
+def options(node: NodeState, vram: int) -> list[tuple[int, int]]:
+    if any(g.total_mb >= vram for g in node.gpus):
+        return [(1, vram)]
+    return [
+        (k, need_per_gpu(vram, k))
+        for k in range(2, len(node.gpus) + 1)
+        if sum(g.total_mb >= need_per_gpu(vram, k) for g in node.gpus) >= k
+    ]
+
+
+def ever_fits(model: ModelSpec, nodes: list[NodeState]) -> bool:
+    return any(options(n, model.vram_mb) for n in nodes if n.online)
+
+
+def fits_without_eviction(model: ModelSpec, nodes: list[NodeState]) -> list[tuple[int, int, int]]:
+    """(needs download, MB left over, node order) of each node's fewest-GPU fit."""
+    fits = []
+    online = [n for n in nodes if n.online]
+    for order, node in enumerate(online):
+        for k, per in options(node, model.vram_mb):
+            roomy = sorted(g.free_mb for g in node.gpus if g.total_mb >= per and g.free_mb >= per)
+            if len(roomy) >= k:
+                download = int(REQUESTED not in node.models_on_disk)
+                fits.append((download, sum(f - per for f in roomy[:k]), order))
+                break
+    return fits
+
+
+def covers(node, group, per, victims) -> bool:
+    return all(
+        g.free_mb + sum(frees_per_gpu(v) for v in victims if g.index in v.gpu_indices) >= per
+        for g in node.gpus
+        if g.index in group
+    )
+
+
+def is_minimal(node, group, per, victims) -> bool:
+    return all(
+        not covers(node, group, per, [v for v in victims if v is not dropped]) for dropped in victims
+    )
+
+
+def young(inst: LoadedInstance) -> bool:
+    return NOW_S - inst.loaded_at_s < MIN_RESIDENCY_S
+
+
+def plan_key(node_order, node, victims, demand):
+    cost = sum(demand.of(v.model_id) * v.reload_s for v in victims)
+    freed = sum(v.vram_mb for v in victims)
+    download = int(REQUESTED not in node.models_on_disk)
+    return (cost / freed, len(victims), freed, download, node_order)
+
+
+def legal_plans(model, nodes, demand, allow_young: bool) -> list[tuple]:
+    wanted = demand.of(model.model_id)
+    plans = []
+    online = [n for n in nodes if n.online]
+    for order, node in enumerate(online):
+        allowed = [
+            i
+            for i in node.instances
+            if not i.pinned
+            and i.evictable
+            and demand.of(i.model_id) < wanted
+            and (allow_young or not young(i))
+        ]
+        for k, per in options(node, model.vram_mb):
+            at_k = []
+            for group in combinations([g.index for g in node.gpus if g.total_mb >= per], k):
+                for r in range(1, len(allowed) + 1):
+                    for victims in combinations(allowed, r):
+                        if covers(node, group, per, victims) and is_minimal(node, group, per, victims):
+                            at_k.append(plan_key(order, node, victims, demand))
+            if at_k:
+                plans.extend(at_k)
+                break  # fewest GPUs that work on this node
+    return plans
+
+
+# --- checks shared by the properties ---------------------------------------------------
+
+
+def check_legal(result: Placement, model, nodes, demand) -> None:
+    node = next(n for n in nodes if n.name == result.node)
+    assert node.online
+    k = len(result.gpu_indices)
+    per = need_per_gpu(model.vram_mb, k)
+    assert len(set(result.gpu_indices)) == k
+    assert all(g.total_mb >= per for g in node.gpus if g.index in result.gpu_indices)
+    # never over capacity once the victims are gone
+    assert covers(node, result.gpu_indices, per, result.evict)
+    on_node = {i.instance_id for i in node.instances}
+    wanted = demand.of(model.model_id)
+    for victim in result.evict:
+        assert victim.instance_id in on_node
+        assert not victim.pinned
+        assert victim.evictable
+        assert demand.of(victim.model_id) < wanted
+    assert is_minimal(node, result.gpu_indices, per, result.evict)
+    assert result.reason and result.node in result.reason
+
+
+@SETTINGS
+@given(fleet=fleets(), demand=demands, model=models)
+def test_place_matches_oracle(fleet, demand, model):
+    result = place(model, fleet, demand, now_s=NOW_S, min_residency_s=MIN_RESIDENCY_S)
+
+    if not ever_fits(model, fleet):
+        assert isinstance(result, NoPlacement) and result.code == NO_CAPACITY
+        return
+    assert not (isinstance(result, NoPlacement) and result.code == NO_CAPACITY)
+
+    fits = fits_without_eviction(model, fleet)
+    if fits:
+        assert isinstance(result, Placement)
+        assert result.evict == ()
+        check_legal(result, model, fleet, demand)
+        online = [n for n in fleet if n.online]
+        node = next(n for n in online if n.name == result.node)
+        per = need_per_gpu(model.vram_mb, len(result.gpu_indices))
+        leftover = sum(g.free_mb - per for g in node.gpus if g.index in result.gpu_indices)
+        download = int(REQUESTED not in node.models_on_disk)
+        # weights on disk first, then best fit
+        assert (download, leftover) == min(fits)[:2]
+        return
+
+    mature = legal_plans(model, fleet, demand, allow_young=False)
+    anyage = mature or legal_plans(model, fleet, demand, allow_young=True)
+    if not anyage:
+        assert isinstance(result, NoPlacement) and result.code == BUSY
+        assert result.reason
+        return
+
+    assert isinstance(result, Placement), result
+    assert result.evict
+    check_legal(result, model, fleet, demand)
+    if mature:
+        assert not any(young(v) for v in result.evict)
+    online = [n for n in fleet if n.online]
+    order = next(i for i, n in enumerate(online) if n.name == result.node)
+    assert plan_key(order, online[order], result.evict, demand) == min(anyage)
+
+
+@st.composite
+def crowded_gpu(draw) -> tuple[NodeState, Demand]:
+    """One GPU holding more small instances than the exhaustive search takes on."""
+    count = draw(st.integers(13, 30))
+    instances = tuple(
+        LoadedInstance(
+            instance_id=i,
+            model_id=f"small-{i}",
+            vram_mb=draw(st.integers(500, 3_000)),
+            gpu_indices=(0,),
+            reload_s=float(draw(st.integers(1, 30))),
+        )
+        for i in range(count)
+    )
+    used = sum(i.vram_mb for i in instances)
+    node = NodeState("crowded", (GpuState(0, used + 1_000, 1_000),), instances)
+    demand = Demand(
+        {REQUESTED: 10.0} | {i.model_id: float(draw(st.integers(0, 9))) for i in instances}
+    )
+    return node, demand
+
+
+@SETTINGS
+@given(crowded=crowded_gpu(), vram=st.integers(2_000, 30_000))
+def test_greedy_cover_is_legal_and_minimal(crowded, vram):
+    node, demand = crowded
+    model = ModelSpec(REQUESTED, vram)
+    result = place(model, [node], demand, now_s=NOW_S, min_residency_s=MIN_RESIDENCY_S)
+    if vram > node.gpus[0].total_mb:
+        assert isinstance(result, NoPlacement) and result.code == NO_CAPACITY
+    elif vram <= 1_000:
+        assert isinstance(result, Placement) and result.evict == ()
+    elif isinstance(result, Placement):
+        check_legal(result, model, [node], demand)
+    else:
+        # only when every instance allowed to go together still leaves it short
+        allowed = [i for i in node.instances if demand.of(i.model_id) < 10.0]
+        assert not covers(node, (0,), vram, allowed)
+        assert result.code == BUSY
