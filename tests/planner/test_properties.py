@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from itertools import combinations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from fleet.planner import (
@@ -40,7 +40,7 @@ def frees_per_gpu(inst: LoadedInstance) -> int:
 
 
 @st.composite
-def fleets(draw, max_instances: int = 5) -> list[NodeState]:
+def fleets(draw, max_instances: int = 6) -> list[NodeState]:
     nodes = []
     instance_id = 0
     for n in range(draw(st.integers(1, 3))):
@@ -52,10 +52,13 @@ def fleets(draw, max_instances: int = 5) -> list[NodeState]:
             span = draw(st.integers(1, n_gpus))
             first = draw(st.integers(0, n_gpus - span))
             gpus = tuple(range(first, first + span))
-            vram = draw(st.integers(1, 24)) * 1_000 + draw(st.sampled_from([0, 0, 1, 333]))
-            per = need_per_gpu(vram, span)
-            if any(used[g] + per > totals[g] for g in gpus):
+            room = min(totals[g] - used[g] for g in gpus)
+            if room < 500:
                 continue
+            # Shares of what is left, so GPUs end up full often enough to need evictions.
+            share = draw(st.sampled_from([0.2, 0.34, 0.5, 0.5, 1.0]))
+            vram = max(int(room * span * share) - draw(st.sampled_from([0, 0, 1, 333])), 100)
+            per = need_per_gpu(vram, span)
             for g in gpus:
                 used[g] += per
             instances.append(
@@ -93,11 +96,13 @@ def fleets(draw, max_instances: int = 5) -> list[NodeState]:
 
 
 demands = st.fixed_dictionaries(
-    {m: st.integers(0, 5) for m in MODEL_IDS + [REQUESTED]}
+    {m: st.integers(0, 5) for m in MODEL_IDS} | {REQUESTED: st.integers(0, 7)}
 ).map(lambda d: Demand({k: float(v) for k, v in d.items()}))
 
 models = st.one_of(
-    st.integers(1, 60).map(lambda n: n * 1_000), st.integers(500, 60_000)
+    st.integers(1, 24).map(lambda n: n * 1_000),
+    st.integers(500, 24_000),
+    st.integers(24_001, 72_000),  # split across GPUs, or too big
 ).map(lambda vram: ModelSpec(REQUESTED, vram))
 
 
@@ -212,12 +217,14 @@ def test_place_matches_oracle(fleet, demand, model):
     result = place(model, fleet, demand, now_s=NOW_S, min_residency_s=MIN_RESIDENCY_S)
 
     if not ever_fits(model, fleet):
+        event("no capacity")
         assert isinstance(result, NoPlacement) and result.code == NO_CAPACITY
         return
     assert not (isinstance(result, NoPlacement) and result.code == NO_CAPACITY)
 
     fits = fits_without_eviction(model, fleet)
     if fits:
+        event("fits without eviction")
         assert isinstance(result, Placement)
         assert result.evict == ()
         check_legal(result, model, fleet, demand)
@@ -233,6 +240,7 @@ def test_place_matches_oracle(fleet, demand, model):
     mature = legal_plans(model, fleet, demand, allow_young=False)
     anyage = mature or legal_plans(model, fleet, demand, allow_young=True)
     if not anyage:
+        event("busy")
         assert isinstance(result, NoPlacement) and result.code == BUSY
         assert result.reason
         return
@@ -240,6 +248,7 @@ def test_place_matches_oracle(fleet, demand, model):
     assert isinstance(result, Placement), result
     assert result.evict
     check_legal(result, model, fleet, demand)
+    event("evicts" + (" split" if len(result.gpu_indices) > 1 else "") + ("" if mature else " young"))
     if mature:
         assert not any(young(v) for v in result.evict)
     online = [n for n in fleet if n.online]

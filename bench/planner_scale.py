@@ -1,0 +1,186 @@
+"""How long place() takes on a large fleet: 1,000 nodes x 8 GPUs, 500 catalog models.
+
+Two fleet states, both filled with a few instances per GPU drawn from the catalog:
+- "roomy": GPUs filled to 40-100 %, so most requests fit somewhere without eviction;
+- "full": every GPU filled to within 4 GB, so nearly every request needs an eviction
+  (or is refused as busy).
+Demand follows a Zipf law over the catalog with most of the long tail at zero in the window,
+as a 600 s window sees it. Requests pick catalog models uniformly, so big models that must be
+split across GPUs are asked for as often as small ones.
+
+Run from the repository root: python bench/planner_scale.py
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fleet.planner import (  # noqa: E402
+    Demand,
+    GpuState,
+    LoadedInstance,
+    ModelSpec,
+    NodeState,
+    NoPlacement,
+    place,
+)
+
+NODES = 1_000
+GPUS_PER_NODE = 8
+GPU_MB = 80 * 1024
+CATALOG_SIZE = 500
+REQUESTS_PER_STATE = 2_000
+TARGET_P99_MS = 5.0
+NOW_S = 50_000.0
+SEED = 7
+
+
+def make_catalog(rng: random.Random) -> list[ModelSpec]:
+    """Footprints log-uniform between 1 GB and 160 GB: many small models, a few giants."""
+    catalog = []
+    for i in range(CATALOG_SIZE):
+        vram = int(1024 * 160 ** rng.random())
+        catalog.append(
+            ModelSpec(
+                model_id=f"model-{i:03d}",
+                vram_mb=vram,
+                load_s=2.0 + vram / 2048,
+                download_s=vram / 400,
+            )
+        )
+    return catalog
+
+
+def make_demand(rng: random.Random, catalog: list[ModelSpec]) -> Demand:
+    ranked = catalog[:]
+    rng.shuffle(ranked)
+    per_model = {}
+    for rank, model in enumerate(ranked, start=1):
+        expected = 2_000 / rank**1.1  # requests per 600 s window
+        count = sum(1 for _ in range(min(int(expected * 3) + 1, 50)) if rng.random() < expected / (int(expected * 3) + 1))
+        if expected > 50:
+            count = int(rng.gauss(expected, expected**0.5))
+        if count > 0:
+            per_model[model.model_id] = float(count)
+    return Demand(per_model)
+
+
+def make_fleet(
+    rng: random.Random, catalog: list[ModelSpec], fill_low: float, fill_high: float, keep_free_mb: int
+) -> list[NodeState]:
+    small = [m for m in catalog if m.vram_mb <= GPU_MB]
+    split = [m for m in catalog if m.vram_mb > GPU_MB]
+    nodes = []
+    instance_id = 0
+    for n in range(NODES):
+        used = [0] * GPUS_PER_NODE
+        instances = []
+
+        def add(model: ModelSpec, gpus: tuple[int, ...]) -> None:
+            nonlocal instance_id
+            per = -(-model.vram_mb // len(gpus))
+            for g in gpus:
+                used[g] += per
+            instances.append(
+                LoadedInstance(
+                    instance_id=instance_id,
+                    model_id=model.model_id,
+                    vram_mb=model.vram_mb,
+                    gpu_indices=gpus,
+                    pinned=rng.random() < 0.03,
+                    loaded_at_s=rng.uniform(0, NOW_S),
+                    reload_s=model.load_s,
+                    evictable=rng.random() > 0.05,
+                )
+            )
+            instance_id += 1
+
+        # One node in four runs a giant model split over a pair of GPUs.
+        if rng.random() < 0.25:
+            add(rng.choice(split), (0, 1))
+        for g in range(GPUS_PER_NODE):
+            target = GPU_MB * rng.uniform(fill_low, fill_high)
+            for _ in range(40):
+                room = min(target, GPU_MB - keep_free_mb * (fill_high >= 1.0)) - used[g]
+                fitting = [m for m in rng.sample(small, 25) if m.vram_mb <= room]
+                if not fitting or len([i for i in instances if g in i.gpu_indices]) >= 5:
+                    break
+                add(max(fitting, key=lambda m: m.vram_mb) if rng.random() < 0.5 else fitting[0], (g,))
+        overhead = [min(rng.choice([0, 512, 1024]), GPU_MB - u) for u in used]
+        on_disk = {i.model_id for i in instances} | {m.model_id for m in rng.sample(catalog, 10)}
+        nodes.append(
+            NodeState(
+                name=f"gpu-{n:04d}",
+                gpus=tuple(
+                    GpuState(g, GPU_MB, GPU_MB - used[g] - overhead[g]) for g in range(GPUS_PER_NODE)
+                ),
+                instances=tuple(instances),
+                models_on_disk=frozenset(on_disk),
+                online=rng.random() > 0.01,
+            )
+        )
+    return nodes
+
+
+def run_state(
+    name: str, rng: random.Random, catalog: list[ModelSpec], nodes: list[NodeState], demand: Demand
+) -> list[float]:
+    outcomes: Counter[str] = Counter()
+    timings_ms = []
+    for _ in range(REQUESTS_PER_STATE):
+        model = rng.choice(catalog)
+        start = time.perf_counter()
+        result = place(model, nodes, demand, now_s=NOW_S)
+        timings_ms.append((time.perf_counter() - start) * 1000)
+        if isinstance(result, NoPlacement):
+            outcomes[result.code] += 1
+        else:
+            kind = "evicts" if result.evict else "fits"
+            outcomes[kind + (" (split)" if len(result.gpu_indices) > 1 else "")] += 1
+    instances = sum(len(n.instances) for n in nodes)
+    free_gb = sum(g.free_mb for n in nodes for g in n.gpus) / 1024
+    print(f"\n{name}: {instances:,} instances, {free_gb:,.0f} GB free in all")
+    print("  outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+    report("  place()", timings_ms)
+    return timings_ms
+
+
+def report(label: str, timings_ms: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(timings_ms)
+    p50 = statistics.median(ordered)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    print(f"{label}: p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {ordered[-1]:.2f} ms ({len(ordered)} calls)")
+    return p50, p99, ordered[-1]
+
+
+def main() -> None:
+    rng = random.Random(SEED)
+    catalog = make_catalog(rng)
+    demand = make_demand(rng, catalog)
+    split = sum(1 for m in catalog if m.vram_mb > GPU_MB)
+    print(
+        f"fleet: {NODES:,} nodes x {GPUS_PER_NODE} GPUs x {GPU_MB // 1024} GB; catalog {CATALOG_SIZE} models "
+        f"(1-160 GB, {split} need a split); {len(demand.per_model)} models with demand in the window"
+    )
+    all_ms: list[float] = []
+    build_start = time.perf_counter()
+    roomy = make_fleet(rng, catalog, 0.4, 1.0, keep_free_mb=0)
+    full = make_fleet(rng, catalog, 1.0, 1.0, keep_free_mb=4096)
+    print(f"(fleets built in {time.perf_counter() - build_start:.1f} s)")
+    all_ms += run_state("roomy fleet", rng, catalog, roomy, demand)
+    all_ms += run_state("full fleet", rng, catalog, full, demand)
+    print()
+    _, p99, _ = report("all requests", all_ms)
+    verdict = "met" if p99 < TARGET_P99_MS else "NOT met"
+    print(f"target p99 < {TARGET_P99_MS:g} ms: {verdict} (p99 {p99:.2f} ms)")
+
+
+if __name__ == "__main__":
+    main()

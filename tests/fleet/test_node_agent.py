@@ -1,0 +1,156 @@
+"""The node agent for real: a Celery worker subprocess on real Redis, huggingface_hub against a local
+endpoint, and a real llama.cpp engine running Gemma 3 270M."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from catalog.models import CatalogModel
+from fleet.engines.process import find_engine_processes, is_alive
+from fleet.models import Instance, Node, Phase
+from fleet.services import instance_create, instance_enqueue_unload, instance_load
+from tests.factories import CatalogModelFactory
+from tests.fleet.conftest import BROKEN_REPO, GEMMA_REPO, GGUF_NAME, MULTI_REPO, wait_for_phase
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(240)]
+
+GEMMA_BYTES = 253_113_024
+
+
+def gemma_model(repo: str = GEMMA_REPO, model_id: str = "gemma-test", **fields) -> CatalogModel:
+    CatalogModel.objects.filter(model_id=model_id).delete()
+    return CatalogModelFactory(model_id=model_id, hf_repo=repo, hf_files=["*.gguf", "*.bin"], chat_format="gemma",
+                               context_length=512, vram_mb=1024, **fields)
+
+
+def chat(instance: Instance) -> str:
+    response = httpx.post(f"http://127.0.0.1:{instance.port}/v1/chat/completions", timeout=60, json={
+        "model": instance.model.model_id, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16,
+    })
+    response.raise_for_status()
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def test_load_download_progress_ready_chat_unload_reload(node_worker, hf, event_log):
+    model = gemma_model()
+    node = Node.objects.get(name=node_worker.name)
+    events = event_log(model.model_id)
+    hf.throttle_bytes_per_s = 80_000_000  # ~3 s of download, so progress is visible
+
+    instance = instance_create(model=model, node=node, reason="test")
+    instance = wait_for_phase(instance.pk, {Phase.READY, Phase.FAILED})
+    assert instance.phase == Phase.READY, instance.last_error
+    time.sleep(0.3)
+    assert events.phases() == ["queued", "downloading", "loading", "ready"]
+    progress = [e["bytes_done"] for e in events.events if e["phase"] == "downloading"]
+    assert len(progress) >= 5, "progress is published while the bytes move, not only at the end"
+    assert progress == sorted(set(progress)), "byte progress strictly increases"
+    assert progress[-1] == GEMMA_BYTES and events.events[-1]["pct"] == 100.0
+    assert {e["bytes_total"] for e in events.events if e["phase"] == "downloading" and e["bytes_done"]} == {GEMMA_BYTES}
+    assert instance.downloaded and instance.load_seconds > 0 and instance.pid and instance.port
+    assert chat(instance).strip(), "the engine generates real text"
+
+    instance_enqueue_unload(instance)
+    stopped = wait_for_phase(instance.pk, {Phase.STOPPED}, timeout_s=30)
+    assert not is_alive(instance.pid)
+    assert find_engine_processes(node_worker.name) == {}
+    store = Path(node_worker.env["PORTEN_MODEL_DIR"])
+    assert any(p.name == GGUF_NAME for p in store.rglob("*.gguf")), "weights stay on disk after unload"
+    assert stopped.stopped_at is not None
+
+    hf.requests.clear()
+    again = wait_for_phase(instance_create(model=model, node=node).pk, {Phase.READY, Phase.FAILED})
+    assert again.phase == Phase.READY, again.last_error
+    assert again.downloaded is False
+    assert hf.get_count(GGUF_NAME) == 0, "the second load does not download again"
+    assert chat(again).strip()
+
+
+def test_repeated_load_task_downloads_and_starts_once(node_worker, hf):
+    from fleet.tasks import load_instance
+
+    model = gemma_model()
+    node = Node.objects.get(name=node_worker.name)
+    hf.throttle_bytes_per_s = 150_000_000
+    instance = instance_create(model=model, node=node)
+    for _ in range(3):  # redeliveries of the same message
+        load_instance.apply_async(args=[instance.pk], queue=f"node.{node.name}")
+    instance = wait_for_phase(instance.pk, {Phase.READY, Phase.FAILED})
+    assert instance.phase == Phase.READY, instance.last_error
+    time.sleep(1.0)
+    assert hf.get_count(GGUF_NAME) == 1
+    assert list(find_engine_processes(node_worker.name).values()) == [instance.pid]
+    assert instance_load(instance_id=instance.pk) == "not-claimed"
+
+
+def test_worker_killed_mid_download_resumes_without_refetching(node_worker, hf):
+    model = gemma_model(repo=MULTI_REPO, model_id="gemma-multi")
+    node = Node.objects.get(name=node_worker.name)
+    hf.throttle_bytes_per_s = 40_000_000
+    instance = instance_create(model=model, node=node)
+    extras = 2 * 24 * 1024 * 1024
+    deadline = time.monotonic() + 60
+    while Instance.objects.get(pk=instance.pk).bytes_done < extras + 20_000_000:
+        assert time.monotonic() < deadline, "download did not get past the extra files"
+        time.sleep(0.05)
+    node_worker.kill()
+    assert Instance.objects.get(pk=instance.pk).phase == Phase.DOWNLOADING
+
+    hf.throttle_bytes_per_s = None
+    node_worker.start()
+    instance = wait_for_phase(instance.pk, {Phase.READY, Phase.FAILED})
+    assert instance.phase == Phase.READY, instance.last_error
+    assert hf.get_count("a-extra-1.bin") == 1, "a file finished before the crash is not fetched again"
+    assert hf.get_count("b-extra-2.bin") == 1
+    assert hf.get_count(GGUF_NAME) == 2, "the interrupted file is fetched again"
+    assert instance.bytes_done == instance.bytes_total == extras + GEMMA_BYTES
+
+
+def test_engine_crash_after_ready_is_detected(node_worker, hf):
+    model = gemma_model()
+    instance = instance_create(model=model, node=Node.objects.get(name=node_worker.name))
+    instance = wait_for_phase(instance.pk, {Phase.READY, Phase.FAILED})
+    assert instance.phase == Phase.READY, instance.last_error
+    os.kill(instance.pid, signal.SIGKILL)
+    crashed_at = time.monotonic()
+    failed = wait_for_phase(instance.pk, {Phase.FAILED}, timeout_s=15)
+    assert time.monotonic() - crashed_at < 5, "a crash is noticed within a few seconds"
+    assert "exited unexpectedly" in failed.last_error
+
+
+def test_engine_that_cannot_start_fails_with_its_log(node_worker, hf):
+    CatalogModel.objects.filter(model_id="broken").delete()
+    model = CatalogModelFactory(model_id="broken", hf_repo=BROKEN_REPO, hf_files=["*.gguf"])
+    instance = wait_for_phase(instance_create(model=model, node=Node.objects.get(name=node_worker.name)).pk,
+                              {Phase.READY, Phase.FAILED})
+    assert instance.phase == Phase.FAILED
+    assert "exited before becoming healthy" in instance.last_error
+    assert "broken.gguf" in instance.last_error or "load" in instance.last_error.lower(), instance.last_error
+    assert find_engine_processes(node_worker.name) == {}
+
+
+def test_unknown_repo_fails_with_a_clear_reason(node_worker, hf):
+    CatalogModel.objects.filter(model_id="ghost").delete()
+    model = CatalogModelFactory(model_id="ghost", hf_repo="porten-test/does-not-exist")
+    instance = wait_for_phase(instance_create(model=model, node=Node.objects.get(name=node_worker.name)).pk,
+                              {Phase.READY, Phase.FAILED}, timeout_s=60)
+    assert instance.phase == Phase.FAILED
+    assert "not found" in instance.last_error
+
+
+def test_restarted_worker_adopts_its_ready_engine(node_worker, hf):
+    model = gemma_model()
+    instance = wait_for_phase(instance_create(model=model, node=Node.objects.get(name=node_worker.name)).pk,
+                              {Phase.READY, Phase.FAILED})
+    assert instance.phase == Phase.READY, instance.last_error
+    node_worker.kill()
+    node_worker.start()
+    instance.refresh_from_db()
+    assert instance.phase == Phase.READY
+    assert find_engine_processes(node_worker.name) == {instance.pk: instance.pid}
+    assert chat(instance).strip()
