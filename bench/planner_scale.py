@@ -13,6 +13,8 @@ Run from the repository root: python bench/planner_scale.py
 
 from __future__ import annotations
 
+import bisect
+import math
 import random
 import statistics
 import sys
@@ -59,23 +61,37 @@ def make_catalog(rng: random.Random) -> list[ModelSpec]:
 
 
 def make_demand(rng: random.Random, catalog: list[ModelSpec]) -> Demand:
+    """Zipf popularity: requests per 600 s window ~ Poisson(300 / rank**1.2)."""
     ranked = catalog[:]
     rng.shuffle(ranked)
     per_model = {}
     for rank, model in enumerate(ranked, start=1):
-        expected = 2_000 / rank**1.1  # requests per 600 s window
-        count = sum(1 for _ in range(min(int(expected * 3) + 1, 50)) if rng.random() < expected / (int(expected * 3) + 1))
-        if expected > 50:
-            count = int(rng.gauss(expected, expected**0.5))
+        count = poisson(rng, 300 / rank**1.2)
         if count > 0:
             per_model[model.model_id] = float(count)
     return Demand(per_model)
 
 
+def poisson(rng: random.Random, mean: float) -> int:
+    if mean > 30:
+        return max(0, round(rng.gauss(mean, mean**0.5)))
+    limit, k, p = math.exp(-mean), 0, rng.random()
+    while p > limit:
+        k += 1
+        p *= rng.random()
+    return k
+
+
 def make_fleet(
-    rng: random.Random, catalog: list[ModelSpec], fill_low: float, fill_high: float, keep_free_mb: int
+    rng: random.Random,
+    catalog: list[ModelSpec],
+    fill_low: float,
+    fill_high: float,
+    full: bool = False,
+    keep_free_mb: int = 0,
 ) -> list[NodeState]:
-    small = [m for m in catalog if m.vram_mb <= GPU_MB]
+    small = sorted((m for m in catalog if m.vram_mb <= GPU_MB), key=lambda m: m.vram_mb)
+    small_sizes = [m.vram_mb for m in small]
     split = [m for m in catalog if m.vram_mb > GPU_MB]
     nodes = []
     instance_id = 0
@@ -107,12 +123,19 @@ def make_fleet(
             add(rng.choice(split), (0, 1))
         for g in range(GPUS_PER_NODE):
             target = GPU_MB * rng.uniform(fill_low, fill_high)
-            for _ in range(40):
-                room = min(target, GPU_MB - keep_free_mb * (fill_high >= 1.0)) - used[g]
-                fitting = [m for m in rng.sample(small, 25) if m.vram_mb <= room]
-                if not fitting or len([i for i in instances if g in i.gpu_indices]) >= 5:
+            for _ in range(rng.randint(1, 4)):
+                fitting = [m for m in rng.sample(small, 25) if m.vram_mb <= target - used[g]]
+                if not fitting:
                     break
-                add(max(fitting, key=lambda m: m.vram_mb) if rng.random() < 0.5 else fitting[0], (g,))
+                add(rng.choice(fitting), (g,))
+            if full:
+                # Top up with the largest model that still fits, until nothing does.
+                while True:
+                    room = GPU_MB - keep_free_mb - used[g]
+                    i = bisect.bisect_right(small_sizes, room)
+                    if i == 0:
+                        break
+                    add(small[rng.randrange(max(0, i - 5), i)], (g,))
         overhead = [min(rng.choice([0, 512, 1024]), GPU_MB - u) for u in used]
         on_disk = {i.model_id for i in instances} | {m.model_id for m in rng.sample(catalog, 10)}
         nodes.append(
@@ -171,8 +194,8 @@ def main() -> None:
     )
     all_ms: list[float] = []
     build_start = time.perf_counter()
-    roomy = make_fleet(rng, catalog, 0.4, 1.0, keep_free_mb=0)
-    full = make_fleet(rng, catalog, 1.0, 1.0, keep_free_mb=4096)
+    roomy = make_fleet(rng, catalog, 0.4, 1.0)
+    full = make_fleet(rng, catalog, 0.6, 1.0, full=True, keep_free_mb=rng.choice([0, 1024, 2048]))
     print(f"(fleets built in {time.perf_counter() - build_start:.1f} s)")
     all_ms += run_state("roomy fleet", rng, catalog, roomy, demand)
     all_ms += run_state("full fleet", rng, catalog, full, demand)

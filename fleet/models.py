@@ -68,6 +68,9 @@ class Instance(models.Model):
     placement_reason = models.TextField(blank=True)
     last_error = models.TextField(blank=True)
     downloaded = models.BooleanField(default=False, help_text="Weights were fetched by this load (not already on disk).")
+    waits_for = models.JSONField(
+        default=list, blank=True, help_text="Instances evicted for this one: its engine starts once they are gone."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     ready_at = models.DateTimeField(null=True, blank=True)

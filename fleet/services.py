@@ -209,7 +209,21 @@ def _download(instance: Instance):
     return stored
 
 
+def _wait_for_victims(instance: Instance) -> None:
+    """An instance placed by evicting others starts its engine once their memory is free; its
+    download already overlapped with their drain."""
+    if not instance.waits_for:
+        return
+    deadline = time.monotonic() + settings.PORTEN_DRAIN_DEADLINE_S + 120
+    while Instance.objects.filter(pk__in=instance.waits_for, phase__in=RESIDENT_PHASES).exists():
+        _still(instance, Phase.DOWNLOADING)
+        if time.monotonic() > deadline:
+            raise EngineStartError(f"memory did not free up: instances {instance.waits_for} are still unloading")
+        time.sleep(0.2)
+
+
 def _start_engine(instance: Instance, model_path: str) -> None:
+    _wait_for_victims(instance)
     if not instance_claim(instance_id=instance.pk, from_phase=Phase.DOWNLOADING, to_phase=Phase.LOADING):
         raise LoadAborted("asked to stop before the engine started")
     instance.phase = Phase.LOADING
@@ -265,8 +279,22 @@ def instance_fail(*, instance: Instance, reason: str) -> None:
 
 # --- unloading --------------------------------------------------------------------------------
 
+def _drain(instance_id: int) -> None:
+    """Let requests already on a draining instance finish, up to the drain deadline."""
+    from .inflight import inflight_count
+
+    deadline = time.monotonic() + settings.PORTEN_DRAIN_DEADLINE_S
+    while inflight_count(instance_id) > 0 and time.monotonic() < deadline:
+        if not Instance.objects.filter(pk=instance_id, phase=Phase.DRAINING).exists():
+            return
+        time.sleep(0.1)
+
+
 def instance_unload(*, instance_id: int) -> str:
-    """Stop the engine, keep the weights. A load still in progress notices and stops itself."""
+    """Stop the engine, keep the weights. A draining instance first finishes its requests; a load
+    still in progress notices and stops itself."""
+    if Instance.objects.filter(pk=instance_id, phase=Phase.DRAINING).exists():
+        _drain(instance_id)
     updated = Instance.objects.filter(
         pk=instance_id, phase__in=[Phase.QUEUED, Phase.DOWNLOADING, Phase.LOADING, Phase.READY, Phase.DRAINING],
     ).update(phase=Phase.UNLOADING, updated_at=timezone.now())

@@ -22,3 +22,14 @@ def unload_instance(instance_id: int) -> str:
         return instance_unload(instance_id=instance_id)
     finally:
         close_old_connections()
+
+
+@shared_task(ignore_result=True)
+def unload_idle_instances() -> list[int]:
+    """Beat, on the hub queue: unload models idle for a whole demand window."""
+    from .placement import instances_unload_idle
+
+    try:
+        return instances_unload_idle()
+    finally:
+        close_old_connections()

@@ -1,1 +1,12 @@
-urlpatterns: list = []
+from django.urls import path, re_path
+
+from . import apis
+
+urlpatterns = [
+    path("v1/chat/completions", apis.chat_completions, name="v1-chat-completions"),
+    path("v1/completions", apis.completions, name="v1-completions"),
+    path("public/v1/models/warming", apis.warming, name="public-warming"),
+]
+
+# Last in the URL map (see porten/urls.py): anything else under /v1 gets an OpenAI-shaped 404.
+v1_fallback = [re_path(r"^v1/(?P<rest>.*)$", apis.v1_not_found)]

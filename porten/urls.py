@@ -2,6 +2,8 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from fleet.urls import v1_fallback
+
 from .health import healthz
 
 admin.site.site_header = "Porten operations"
@@ -14,4 +16,5 @@ urlpatterns = [
     path("", include("catalog.urls")),
     path("", include("fleet.urls")),
     path("", include("playground.urls")),
+    *v1_fallback,
 ]

@@ -5,13 +5,25 @@ Memory accounting, shared with the tests:
 - evicting an instance frees floor(vram_mb / len(gpu_indices)) on each of its GPUs.
 Rounding both ways against us means a placement never overcommits a GPU by a megabyte.
 
-A model is split only when it is larger than every GPU of a node, over the smallest number
-of that node's GPUs that can hold it (more GPUs only when fewer have no room).
+A model is split only when it is larger than every GPU of a node, over the fewest of that
+node's GPUs that can hold it (more GPUs only when fewer have no room).
+
+Search effort is bounded so one call stays in the low milliseconds on a thousand nodes:
+- nodes are visited closest-to-fitting first, and the search stops once no node left can
+  beat the plan in hand, or `max_nodes_compared` nodes have been compared after the first
+  that can make room (a best-of-shortlist on huge fleets, exact on small ones);
+- victim sets are searched exhaustively up to `cover.EXHAUSTIVE_LIMIT` candidates per GPU,
+  greedily above;
+- split models try every group of k GPUs when there are few groups, else the k GPUs whose
+  own covers are cheapest.
+Legality never depends on these limits: never over capacity, never pinned or
+loading/draining victims, only strictly lower demand, always a minimal victim set, and
+"busy" only when no node at all can make room under the rules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from itertools import combinations
 from math import comb
 
@@ -20,6 +32,8 @@ from fleet.planner.cover import (
     CoverKey,
     best_multi_gpu_cover,
     best_single_gpu_cover,
+    cover_key,
+    prune_to_minimal,
 )
 from fleet.planner.types import (
     BUSY,
@@ -32,12 +46,17 @@ from fleet.planner.types import (
     Placement,
 )
 
-# A node with more GPUs than this many ways to pick k of them is searched over the GPUs
-# closest to fitting only, so one request never walks thousands of combinations.
-MAX_GPU_COMBINATIONS = 70
+MAX_NODES_COMPARED = 32
+# Up to this many groups of k GPUs on a node are each searched for a cover; above it only
+# the k GPUs whose own covers are cheapest.
+EXACT_GPU_GROUPS = 10
 
-# (cover key..., 1 when weights must be downloaded, order of the node in the input)
+# (cost per MB freed, victims, MB freed, 1 when weights must be downloaded, node order)
 _PlanKey = tuple[float, int, int, int, int]
+# (node, gpu indices, MB per GPU, victims)
+_Plan = tuple[NodeState, tuple[int, ...], int, tuple[Candidate, ...]]
+# (least MB any cover must free, needs download, node order, node, split options)
+_Shortfall = tuple[int, bool, int, NodeState, list[tuple[int, int]]]
 
 
 def share_mb(vram_mb: int, k: int) -> int:
@@ -54,7 +73,7 @@ def split_options(node: NodeState, vram_mb: int) -> list[tuple[int, int]]:
     """(k, MB per GPU) ways this node could ever hold the model, empty, fewest GPUs first."""
     if not node.gpus:
         return []
-    if vram_mb <= max(g.total_mb for g in node.gpus):
+    if any(g.total_mb >= vram_mb for g in node.gpus):
         return [(1, vram_mb)]
     options = []
     for k in range(2, len(node.gpus) + 1):
@@ -71,36 +90,90 @@ def place(
     *,
     now_s: float,
     min_residency_s: float = 120.0,
+    max_nodes_compared: int = MAX_NODES_COMPARED,
 ) -> Placement | NoPlacement:
     """Pick a node and GPUs for `model`, evicting lower-demand models only if nothing fits."""
     vram = model.vram_mb
+    model_id = model.model_id
     online = [n for n in nodes if n.online]
-    options_by_node = [(order, n, split_options(n, vram)) for order, n in enumerate(online)]
-    possible = [(order, n, opts) for order, n, opts in options_by_node if opts]
-    if not possible:
+
+    # One pass over every GPU: the best fit without eviction, and for the nodes without
+    # room how far each is from fitting, which orders the eviction search.
+    fit_key: tuple[bool, int, int] | None = None
+    fit: tuple[NodeState, tuple[int, ...], int] | None = None
+    shortfalls: list[_Shortfall] = []
+    layouts: dict[tuple[int, ...], tuple[list[tuple[int, int]], bool]] = {}
+    for order, node in enumerate(online):
+        download = model_id not in node.models_on_disk
+        if fit_key is not None and download > fit_key[0]:
+            continue  # weights on disk somewhere with room beats any download
+        tightest = None
+        least_short = None
+        for g in node.gpus:
+            if g.total_mb >= vram:
+                free = g.free_mb
+                if free >= vram:
+                    if tightest is None or free < tightest.free_mb:
+                        tightest = g
+                elif least_short is None or vram - free < least_short:
+                    least_short = vram - free
+        if tightest is not None:
+            key = (download, tightest.free_mb - vram, order)
+            if fit_key is None or key < fit_key:
+                fit_key, fit = key, (node, (tightest.index,), vram)
+            continue
+        if least_short is not None:
+            shortfalls.append((least_short, download, order, node, [(1, vram)]))
+            continue
+        totals = tuple(g.total_mb for g in node.gpus)
+        layout = layouts.get(totals)
+        if layout is None:
+            options = split_options(node, vram)
+            # Uniform: every GPU is big enough for every share, the common case of a node
+            # of identical GPUs, which the fast path below relies on.
+            uniform = bool(options) and min(totals) >= options[0][1]
+            layout = layouts[totals] = (options, uniform)
+        options, uniform = layout
+        if not options:
+            continue
+        if uniform:
+            found = _uniform_split(node, options)
+        else:
+            found = _fewest_gpus_fitting(node, options)
+        if isinstance(found, tuple):
+            gpu_indices, per, leftover = found
+            key = (download, leftover, order)
+            if fit_key is None or key < fit_key:
+                fit_key, fit = key, (node, gpu_indices, per)
+        else:
+            bound = found if found is not None else _least_to_free(node, options)
+            shortfalls.append((bound, download, order, node, options))
+
+    if fit is not None:
+        return _fit_placement(model, *fit)
+    if not shortfalls:
         return NoPlacement(NO_CAPACITY, _no_capacity_reason(model, online))
 
-    fit = _best_fit_without_eviction(model, possible)
-    if fit is not None:
-        return fit
-
-    wanted = demand.of(model.model_id)
+    wanted = demand.of(model_id)
     if wanted <= 0:
         # Demand counts are never negative, so no victim has strictly lower demand.
         return NoPlacement(BUSY, _busy_reason(model, wanted))
-    # Cheapest first guess of what each node's best cover could be: lets the search stop
-    # early once a cover beats every node still to visit.
-    ranked = sorted(
-        ((_deficit_bound(node, opts), model.model_id not in node.models_on_disk, order, node, opts)
-         for order, node, opts in possible),
-        key=lambda t: (t[0], t[1], t[2]),
-    )
+
+    shortfalls.sort(key=lambda s: (s[0], s[1], s[2]))
+    candidates_by_node: dict[int, list[Candidate]] = {}
     for allow_young in (False, True):
-        found, saw_young = _best_eviction(
-            model, ranked, demand, wanted, now_s, min_residency_s, allow_young
+        plan, saw_young = _best_eviction(
+            shortfalls,
+            candidates_by_node,
+            demand.per_model,
+            wanted,
+            now_s,
+            min_residency_s,
+            allow_young,
+            max_nodes_compared,
         )
-        if found is not None:
-            return found
+        if plan is not None:
+            return _eviction_placement(model, plan, demand, wanted, min_residency_s)
         if not saw_young:
             break
     return NoPlacement(BUSY, _busy_reason(model, wanted))
@@ -133,124 +206,134 @@ def idle_instances(
     return [(name, inst) for _, name, inst in idle]
 
 
-def _best_fit_without_eviction(
-    model: ModelSpec, possible: list[tuple[int, NodeState, list[tuple[int, int]]]]
-) -> Placement | None:
-    """Weights on disk first, then the tightest fit (least memory left over on the GPUs)."""
-    best: tuple[tuple[int, int, int], NodeState, tuple[int, ...], int] | None = None
-    for order, node, opts in possible:
-        download = 0 if model.model_id in node.models_on_disk else 1
-        if best is not None and download > best[0][0]:
-            continue
-        for k, per in opts:
-            roomy = [g for g in node.gpus if g.total_mb >= per and g.free_mb >= per]
-            if len(roomy) < k:
-                continue
-            roomy.sort(key=lambda g: (g.free_mb, g.index))
+def _fewest_gpus_fitting(
+    node: NodeState, options: list[tuple[int, int]]
+) -> tuple[tuple[int, ...], int, int] | None:
+    """(GPUs, MB per GPU, MB left over) at the fewest GPUs with room now, tightest GPUs."""
+    for k, per in options:
+        roomy = sorted(
+            (g for g in node.gpus if g.total_mb >= per and g.free_mb >= per),
+            key=lambda g: (g.free_mb, g.index),
+        )
+        if len(roomy) >= k:
             chosen = roomy[:k]
-            key = (download, sum(g.free_mb - per for g in chosen), order)
-            if best is None or key < best[0]:
-                best = (key, node, tuple(sorted(g.index for g in chosen)), per)
-            break  # the fewest GPUs that fit on this node
-    if best is None:
-        return None
-    key, node, gpu_indices, per = best
-    leftover = key[1]
-    reason = (
-        f"node {node.name} {_gpus_text(gpu_indices)}: fits with {leftover:,} MB left over"
-        f"{_split_text(gpu_indices, per)}; {_disk_text(model, node)}"
-    )
-    return Placement(node=node.name, gpu_indices=gpu_indices, evict=(), reason=reason)
+            leftover = sum(g.free_mb - per for g in chosen)
+            return tuple(sorted(g.index for g in chosen)), per, leftover
+    return None
 
 
-def _deficit_bound(node: NodeState, opts: list[tuple[int, int]]) -> int:
-    """Least memory any cover on this node must free: a lower bound used to stop early."""
+def _uniform_split(
+    node: NodeState, options: list[tuple[int, int]]
+) -> tuple[tuple[int, ...], int, int] | int:
+    """Fewest-GPU fit on a node whose GPUs all take every share, else a bound on what to free.
+
+    Works on the sorted free memory alone, so a thousand nodes cost a few sorts of 8 numbers.
+    """
+    frees = sorted((g.free_mb for g in node.gpus), reverse=True)
     bound = None
-    for k, per in opts:
+    for k, per in options:
+        if frees[k - 1] >= per:
+            roomy = sum(1 for f in frees if f >= per)
+            leftover = sum(frees[roomy - k : roomy]) - k * per
+            chosen = sorted(
+                (g for g in node.gpus if g.free_mb >= per), key=lambda g: (g.free_mb, g.index)
+            )[:k]
+            return tuple(sorted(g.index for g in chosen)), per, leftover
+        # The k GPUs with most room, each short by at least per - free.
+        least = max(k * per - sum(frees[:k]), per - frees[k - 1])
+        bound = least if bound is None else min(bound, least)
+    return bound if bound is not None else 0
+
+
+def _least_to_free(node: NodeState, options: list[tuple[int, int]]) -> int:
+    """Least memory any cover on this node must free: a lower bound to stop the search early."""
+    bound = None
+    for k, per in options:
         deficits = sorted(max(per - g.free_mb, 0) for g in node.gpus if g.total_mb >= per)
         total = sum(deficits[:k])
         bound = total if bound is None else min(bound, total)
     return bound or 0
 
 
-def _candidates(
+def _node_candidates(
     node: NodeState,
-    demand_of: Callable[[str, float], float],
+    demand_per_model: Mapping[str, float],
     wanted: float,
     now_s: float,
     min_residency_s: float,
-    allow_young: bool,
-) -> tuple[list[Candidate], bool]:
-    """Instances on this node the rules allow to evict, and whether young ones were skipped."""
+) -> list[Candidate]:
+    """Instances on this node the rules allow to evict, young ones flagged."""
+    get = demand_per_model.get
     out: list[Candidate] = []
-    saw_young = False
     for inst in node.instances:
         if inst.pinned or not inst.evictable:
             continue
-        d = demand_of(inst.model_id, 0.0)
+        d = get(inst.model_id, 0.0)
         if d >= wanted:
             continue
-        if now_s - inst.loaded_at_s < min_residency_s:
-            saw_young = True
-            if not allow_young:
-                continue
-        per = freed_per_gpu_mb(inst)
+        per = inst.vram_mb // max(len(inst.gpu_indices), 1)
         if per > 0:
-            out.append(Candidate(inst, d * inst.reload_s, per))
-    return out, saw_young
+            young = now_s - inst.loaded_at_s < min_residency_s
+            out.append(Candidate(inst, d * inst.reload_s, per, young))
+    return out
 
 
 def _best_eviction(
-    model: ModelSpec,
-    ranked: list[tuple[int, bool, int, NodeState, list[tuple[int, int]]]],
-    demand: Demand,
+    shortfalls: list[_Shortfall],
+    candidates_by_node: dict[int, list[Candidate]],
+    demand_per_model: Mapping[str, float],
     wanted: float,
     now_s: float,
     min_residency_s: float,
     allow_young: bool,
-) -> tuple[Placement | None, bool]:
-    demand_of = demand.per_model.get
+    max_nodes_compared: int,
+) -> tuple[_Plan | None, bool]:
+    """Best plan over the nodes, and whether any young candidate was left out."""
     best_key: _PlanKey | None = None
-    best_plan: tuple[NodeState, tuple[int, ...], int, tuple[Candidate, ...]] | None = None
-    saw_young_any = False
-    for bound, download, order, node, opts in ranked:
-        if best_key is not None and (0.0, 1, bound, int(download), order) >= best_key:
-            break  # ranked by bound: no later node can beat the cover in hand
-        cands, saw_young = _candidates(
-            node, demand_of, wanted, now_s, min_residency_s, allow_young
-        )
-        saw_young_any = saw_young_any or saw_young
+    best_plan: _Plan | None = None
+    saw_young = False
+    compared = 0
+    for least, download, order, node, options in shortfalls:
+        if best_key is not None:
+            if (0.0, 1, least, int(download), order) >= best_key:
+                break  # sorted by this bound: no later node can beat the plan in hand
+            if compared >= max_nodes_compared:
+                break
+            compared += 1
+        cands = candidates_by_node.get(order)
+        if cands is None:
+            cands = _node_candidates(node, demand_per_model, wanted, now_s, min_residency_s)
+            candidates_by_node[order] = cands
+        if not allow_young and cands:
+            mature = [c for c in cands if not c.young]
+            saw_young = saw_young or len(mature) < len(cands)
+            cands = mature
         if not cands:
             continue
         tail = (int(download), order)
-        found = _best_on_node(node, opts, cands, best_key, tail)
-        if found is not None and (best_key is None or found[0] < best_key):
-            best_key = found[0]
-            best_plan = (node, found[1], found[2], found[3])
-    if best_plan is None:
-        return None, saw_young_any
-    node, gpu_indices, per, victims = best_plan
-    return _eviction_placement(model, node, gpu_indices, per, victims, demand, wanted,
-                               now_s, min_residency_s), saw_young_any
+        found = _best_on_node(node, options, cands, best_key, tail)
+        if found is not None:
+            best_key, best_plan = found[0], (node, found[1], found[2], found[3])
+    return best_plan, saw_young
 
 
 def _best_on_node(
     node: NodeState,
-    opts: list[tuple[int, int]],
+    options: list[tuple[int, int]],
     cands: list[Candidate],
     best_key: _PlanKey | None,
     tail: tuple[int, int],
 ) -> tuple[_PlanKey, tuple[int, ...], int, tuple[Candidate, ...]] | None:
-    """Best cover on one node at its fewest GPUs that work, if it beats `best_key`."""
-    for k, per in opts:
+    """Best cover at this node's fewest GPUs that can make room, if it beats `best_key`."""
+    for k, per in options:
         if k == 1:
-            found = _best_single(node, per, cands, best_key, tail)
+            found, feasible = _best_single(node, per, cands, best_key, tail)
+        elif comb(sum(1 for g in node.gpus if g.total_mb >= per), k) <= EXACT_GPU_GROUPS:
+            found, feasible = _best_split_exact(node, k, per, cands, best_key, tail)
         else:
-            found = _best_multi(node, k, per, cands, best_key, tail)
-        if found == "beaten":
-            return None  # k GPUs work here, just not better than the cover in hand
-        if found is not None:
-            return found
+            found, feasible = _best_split_greedy(node, k, per, cands, best_key, tail)
+        if feasible:
+            return found  # fewest GPUs first, even when a larger k would be cheaper
     return None
 
 
@@ -258,63 +341,80 @@ def _best_single(node, per, cands, best_key, tail):
     by_gpu: dict[int, list[Candidate]] = {}
     for c in cands:
         for g in c.instance.gpu_indices:
-            by_gpu.setdefault(g, []).append(c)
+            if g in by_gpu:
+                by_gpu[g].append(c)
+            else:
+                by_gpu[g] = [c]
     best = None
     feasible = False
     for gpu in node.gpus:
-        if gpu.total_mb < per:
-            continue
         on_gpu = by_gpu.get(gpu.index)
-        if not on_gpu:
+        if not on_gpu or gpu.total_mb < per:
             continue
         deficit = per - gpu.free_mb
         if sum(c.per_gpu_mb for c in on_gpu) < deficit:
             continue
         feasible = True
-        bound = (min(c.ratio for c in on_gpu), 1, deficit) + tail
         limit = best[0] if best is not None else best_key  # a local best already beats best_key
-        if limit is not None and bound >= limit:
+        if limit is not None and (min(c.ratio for c in on_gpu), 1, deficit) + tail >= limit:
             continue
-        cover = best_single_gpu_cover(deficit, on_gpu)
-        if cover is None:
-            continue
-        key = cover[0] + tail
-        if limit is None or key < limit:
-            best = (key, (gpu.index,), per, cover[1])
-    if best is None and feasible:
-        return "beaten"
-    return best
+        cover = best_single_gpu_cover(gpu.index, deficit, on_gpu)
+        if cover is not None:
+            key = cover[0] + tail
+            if limit is None or key < limit:
+                best = (key, (gpu.index,), per, cover[1])
+    return best, feasible
 
 
-def _best_multi(node, k, per, cands, best_key, tail):
-    eligible = [g for g in node.gpus if g.total_mb >= per]
-    if comb(len(eligible), k) > MAX_GPU_COMBINATIONS:
-        eligible.sort(key=lambda g: (per - g.free_mb, g.index))
-        m = k
-        while m < len(eligible) and comb(m + 1, k) <= MAX_GPU_COMBINATIONS:
-            m += 1
-        eligible = eligible[:m]
+def _best_split_exact(node, k, per, cands, best_key, tail):
+    """Every group of k GPUs, each searched for its cheapest cover."""
     best = None
     feasible = False
-    for group in combinations(eligible, k):
+    for group in combinations([g for g in node.gpus if g.total_mb >= per], k):
         deficits = {g.index: per - g.free_mb for g in group}
-        bound = (0.0, 1, sum(d for d in deficits.values() if d > 0)) + tail
-        limit = best[0] if best is not None else best_key  # a local best already beats best_key
-        if limit is not None and bound >= limit:
-            # Still need to know whether this k works here at all (fewest GPUs first).
-            if not feasible and _can_cover(deficits, cands):
-                feasible = True
-            continue
-        cover = best_multi_gpu_cover(deficits, cands)
-        if cover is None:
+        if not _can_cover(deficits, cands):
             continue
         feasible = True
-        key = cover[0] + tail
-        if limit is None or key < limit:
-            best = (key, tuple(sorted(deficits)), per, cover[1])
-    if best is None and feasible:
-        return "beaten"
-    return best
+        limit = best[0] if best is not None else best_key
+        if limit is not None and (0.0, 1, sum(d for d in deficits.values() if d > 0)) + tail >= limit:
+            continue
+        cover = best_multi_gpu_cover(deficits, cands)
+        if cover is not None:
+            key = cover[0] + tail
+            if limit is None or key < limit:
+                best = (key, tuple(sorted(deficits)), per, cover[1])
+    return best, feasible
+
+
+def _best_split_greedy(node, k, per, cands, best_key, tail):
+    """Many GPUs: take the k whose own cheapest covers are cheapest, then prune the union.
+
+    A GPU can host its share iff all candidates on it together free enough, independently
+    of the others, so this finds a plan whenever any group of k GPUs could make room.
+    """
+    ranked = []
+    for gpu in node.gpus:
+        if gpu.total_mb < per:
+            continue
+        deficit = per - gpu.free_mb
+        if deficit <= 0:
+            ranked.append(((0.0, 0, 0), gpu.index, ()))
+            continue
+        on_gpu = [c for c in cands if gpu.index in c.instance.gpu_indices]
+        cover = best_single_gpu_cover(gpu.index, deficit, on_gpu)
+        if cover is not None:
+            ranked.append((cover[0], gpu.index, cover[1]))
+    if len(ranked) < k:
+        return None, False
+    ranked.sort(key=lambda r: (r[0], r[1]))
+    chosen = ranked[:k]
+    deficits = {g.index: per - g.free_mb for g in node.gpus if g.index in {r[1] for r in chosen}}
+    union = {c.instance.instance_id: c for r in chosen for c in r[2]}
+    victims = prune_to_minimal(deficits, list(union.values()))
+    key = cover_key(victims) + tail
+    if best_key is not None and key >= best_key:
+        return None, True
+    return (key, tuple(sorted(deficits)), per, victims), True
 
 
 def _can_cover(deficits: dict[int, int], cands: list[Candidate]) -> bool:
@@ -324,17 +424,21 @@ def _can_cover(deficits: dict[int, int], cands: list[Candidate]) -> bool:
     return True
 
 
-def _eviction_placement(
-    model: ModelSpec,
-    node: NodeState,
-    gpu_indices: tuple[int, ...],
-    per: int,
-    victims: tuple[Candidate, ...],
-    demand: Demand,
-    wanted: float,
-    now_s: float,
-    min_residency_s: float,
+def _fit_placement(
+    model: ModelSpec, node: NodeState, gpu_indices: tuple[int, ...], per: int
 ) -> Placement:
+    leftover = sum(g.free_mb - per for g in node.gpus if g.index in gpu_indices)
+    reason = (
+        f"node {node.name} {_gpus_text(gpu_indices)}: fits with {leftover:,} MB left over"
+        f"{_split_text(gpu_indices, per)}; {_disk_text(model, node)}"
+    )
+    return Placement(node=node.name, gpu_indices=gpu_indices, evict=(), reason=reason)
+
+
+def _eviction_placement(
+    model: ModelSpec, plan: _Plan, demand: Demand, wanted: float, min_residency_s: float
+) -> Placement:
+    node, gpu_indices, per, victims = plan
     free_after = min(
         g.free_mb + sum(v.per_gpu_mb for v in victims if g.index in v.instance.gpu_indices)
         for g in node.gpus
@@ -342,13 +446,12 @@ def _eviction_placement(
     )
     named = ", ".join(v.instance.model_id for v in victims)
     top = max(demand.of(v.instance.model_id) for v in victims)
-    young = any(now_s - v.instance.loaded_at_s < min_residency_s for v in victims)
     reason = (
         f"node {node.name} {_gpus_text(gpu_indices)}: {free_after:,} MB free after evicting "
         f"{named} (demand {top:g} < {wanted:g}){_split_text(gpu_indices, per)}; "
         f"{_disk_text(model, node)}"
     )
-    if young:
+    if any(v.young for v in victims):
         reason += f"; evicts a model loaded under {min_residency_s:g} s ago, no other room"
     return Placement(
         node=node.name,

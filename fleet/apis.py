@@ -1,0 +1,126 @@
+"""/v1/chat/completions, /v1/completions and the public warming endpoint: parse, call, serialize."""
+from __future__ import annotations
+
+import json
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpResponse, JsonResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.views.decorators.csrf import csrf_exempt
+
+from catalog.selectors import offered_model_aget
+from porten.auth import authenticate_async
+from porten.errors import error_response, invalid_request, model_not_found, unauthorized
+
+from .gateway import WarmupFailed, proxy, ready_route, record_demand, warm_route
+from .selectors import model_warming_state
+from .validation import BadRequest, validate_chat, validate_common, validate_completion, validate_limits
+
+BUDGET_HEADER = "HTTP_X_PORTEN_WARMUP_BUDGET"
+
+
+def _csrf_failure(request) -> HttpResponse | None:
+    response = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
+    if response is None:
+        return None
+    return error_response(403, "CSRF check failed for a signed-in session; send the X-CSRFToken header.",
+                          type="invalid_request_error", code="csrf_failed")
+
+
+def _budget(request) -> float:
+    raw = request.META.get(BUDGET_HEADER)
+    if raw is None or raw == "":
+        return settings.PORTEN_WARMUP_BUDGET_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest("X-Porten-Warmup-Budget must be a number of seconds.", "X-Porten-Warmup-Budget")
+    if not (value >= 0) or value == float("inf"):
+        raise BadRequest("X-Porten-Warmup-Budget must be zero or more seconds.", "X-Porten-Warmup-Budget")
+    return min(value, settings.PORTEN_WARMUP_BUDGET_MAX_S)
+
+
+async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
+    caller, via_session = await authenticate_async(request)
+    if caller is None:
+        return unauthorized()
+    if via_session and (failure := _csrf_failure(request)) is not None:
+        return failure
+    try:
+        content_length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        content_length = 0
+    if content_length > settings.PORTEN_MAX_BODY_BYTES:
+        return _too_large()
+    try:
+        raw = request.body
+    except RequestDataTooBig:
+        return _too_large()
+    if len(raw) > settings.PORTEN_MAX_BODY_BYTES:
+        return _too_large()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return invalid_request("The request body is not valid JSON.")
+    try:
+        model_id = validate_common(body)
+        validate_kind(body)
+        budget_s = _budget(request)
+    except BadRequest as exc:
+        return invalid_request(exc.message, param=exc.param)
+    model = await offered_model_aget(model_id)
+    if model is None:
+        return model_not_found(model_id)
+    try:
+        validate_limits(body, context_length=model.context_length)
+    except BadRequest as exc:
+        return invalid_request(exc.message, param=exc.param)
+
+    route = await ready_route(model)
+    await record_demand(model.model_id, served=route is not None)
+    if route is None:
+        try:
+            route = await warm_route(model, budget_s=budget_s)
+        except WarmupFailed as failure:
+            return failure.response
+    return await proxy(route, path=path, body=body, model_id=model.model_id)
+
+
+def _too_large() -> HttpResponse:
+    return invalid_request(f"The request body is larger than {settings.PORTEN_MAX_BODY_BYTES} bytes.",
+                           status=413, code="request_too_large")
+
+
+def _method_not_allowed(request) -> HttpResponse:
+    return error_response(405, f"{request.method} is not allowed here; use POST.", type="invalid_request_error",
+                          code="method_not_allowed", headers={"Allow": "POST"})
+
+
+@csrf_exempt
+async def chat_completions(request) -> HttpResponse:
+    if request.method != "POST":
+        return _method_not_allowed(request)
+    return await _generate(request, path="/v1/chat/completions", validate_kind=validate_chat)
+
+
+@csrf_exempt
+async def completions(request) -> HttpResponse:
+    if request.method != "POST":
+        return _method_not_allowed(request)
+    return await _generate(request, path="/v1/completions", validate_kind=validate_completion)
+
+
+async def warming(request) -> HttpResponse:
+    model_id = request.GET.get("model", "")
+    if not model_id:
+        return invalid_request("Give the model id: ?model=ID", param="model")
+    model = await offered_model_aget(model_id)
+    if model is None:
+        return model_not_found(model_id)
+    state = await model_warming_state(model)
+    return JsonResponse(state)
+
+
+async def v1_not_found(request, rest: str = "") -> HttpResponse:
+    return error_response(404, f"Unknown API route: {request.path}", type="invalid_request_error", code="not_found")

@@ -1,0 +1,59 @@
+"""Demand per model: served and unmet requests over a sliding window, in Redis so every hub
+process sees the same numbers. Recording is one pipelined round trip on the hot path."""
+from __future__ import annotations
+
+import time
+
+from django.conf import settings
+
+from porten.redis import aredis_client, redis_client
+
+BUCKET_S = 60  # the window slides by minute buckets
+
+
+def _bucket_key(kind: str, model_id: str, bucket: int) -> str:
+    return f"porten:demand:{kind}:{model_id}:{bucket}"
+
+
+def last_request_key(model_id: str) -> str:
+    return f"porten:last-request:{model_id}"
+
+
+def _window_buckets(now: float, window_s: float) -> list[int]:
+    current = int(now // BUCKET_S)
+    count = max(1, int(-(-window_s // BUCKET_S)))
+    return list(range(current - count + 1, current + 1))
+
+
+async def demand_record(model_id: str, *, served: bool, now: float | None = None) -> None:
+    now = time.time() if now is None else now
+    bucket = int(now // BUCKET_S)
+    key = _bucket_key("served" if served else "unmet", model_id, bucket)
+    pipe = aredis_client().pipeline(transaction=False)
+    pipe.incr(key)
+    pipe.expire(key, int(settings.PORTEN_DEMAND_WINDOW_S) + 2 * BUCKET_S)
+    pipe.set(last_request_key(model_id), now)
+    await pipe.execute()
+
+
+def demand_counts(model_ids: list[str], *, window_s: float | None = None, now: float | None = None) -> dict[str, float]:
+    """Requests (served + unmet) per model over the window."""
+    if not model_ids:
+        return {}
+    now = time.time() if now is None else now
+    window_s = settings.PORTEN_DEMAND_WINDOW_S if window_s is None else window_s
+    buckets = _window_buckets(now, window_s)
+    keys = [_bucket_key(kind, m, b) for m in model_ids for kind in ("served", "unmet") for b in buckets]
+    values = redis_client().mget(keys)
+    per_model = 2 * len(buckets)
+    return {
+        model_id: float(sum(int(v) for v in values[i * per_model:(i + 1) * per_model] if v))
+        for i, model_id in enumerate(model_ids)
+    }
+
+
+def last_requests(model_ids: list[str]) -> dict[str, float]:
+    if not model_ids:
+        return {}
+    values = redis_client().mget([last_request_key(m) for m in model_ids])
+    return {m: float(v) for m, v in zip(model_ids, values) if v}

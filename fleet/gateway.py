@@ -1,0 +1,255 @@
+"""The /v1 gateway's work: find or warm a model's engine within the request's budget, then proxy."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import weakref
+from dataclasses import dataclass
+
+import httpx
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import HttpResponse, StreamingHttpResponse
+
+from catalog.models import CatalogModel
+from porten.errors import error_response
+
+from .demand import demand_record
+from .events import model_events
+from .inflight import inflight_enter, inflight_leave
+from .live import warming_state
+from .models import ACTIVE_PHASES, Instance, Phase
+from .placement import PlacementError, instance_ensure
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LOAD_S = 15.0
+DEFAULT_DOWNLOAD_S = 30.0
+ROUTE_TTL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Route:
+    instance_id: int
+    base_url: str
+    cold: bool = False
+    load_seconds: float | None = None
+
+
+class WarmupFailed(Exception):
+    def __init__(self, response: HttpResponse) -> None:
+        self.response = response
+
+
+# --- upstream client and route cache, one per event loop ---------------------------------------
+
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]" = weakref.WeakKeyDictionary()
+_routes: dict[str, tuple[float, Route]] = {}
+
+
+def upstream_client() -> httpx.AsyncClient:
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.PORTEN_UPSTREAM_TIMEOUT_S, connect=5.0),
+            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=256),
+            trust_env=False,
+        )
+        _clients[loop] = client
+    return client
+
+
+def _route_for(instance: Instance, *, cold: bool = False) -> Route:
+    load_s = None
+    if cold and instance.ready_at and instance.created_at:
+        load_s = round((instance.ready_at - instance.created_at).total_seconds(), 3)
+    return Route(instance.pk, f"http://{instance.node.address}:{instance.port}", cold=cold, load_seconds=load_s)
+
+
+async def ready_route(model: CatalogModel, *, use_cache: bool = True) -> Route | None:
+    now = time.monotonic()
+    if use_cache:
+        cached = _routes.get(model.model_id)
+        if cached and now - cached[0] < ROUTE_TTL_S:
+            return cached[1]
+    instance = await Instance.objects.filter(model=model, phase=Phase.READY).select_related("node").afirst()
+    if instance is None:
+        _routes.pop(model.model_id, None)
+        return None
+    route = _route_for(instance)
+    _routes[model.model_id] = (now, route)
+    return route
+
+
+def forget_route(model_id: str) -> None:
+    _routes.pop(model_id, None)
+
+
+# --- warming ----------------------------------------------------------------------------------
+
+async def _active(model: CatalogModel) -> Instance | None:
+    return await Instance.objects.filter(model=model, phase__in=ACTIVE_PHASES).select_related("node").afirst()
+
+
+def retry_after_s(instance: Instance | None, state: dict | None, past_load_s: float | None) -> int:
+    """Seconds until the model should be ready: bytes left at the measured rate, plus its past load time."""
+    load_s = past_load_s or DEFAULT_LOAD_S
+    if instance is None:
+        return math.ceil(DEFAULT_DOWNLOAD_S + load_s)
+    phase = instance.phase
+    if phase == Phase.LOADING:
+        elapsed = time.time() - instance.updated_at.timestamp()
+        return max(1, math.ceil(load_s - elapsed))
+    if phase == Phase.DOWNLOADING:
+        done = (state or {}).get("bytes_done", instance.bytes_done)
+        total = (state or {}).get("bytes_total", instance.bytes_total)
+        rate = (state or {}).get("rate_mbps", 0) * 1_000_000 or instance.download_rate_bps
+        download_s = (total - done) / rate if rate > 0 and total else DEFAULT_DOWNLOAD_S
+        return max(1, math.ceil(download_s + load_s))
+    return max(1, math.ceil(DEFAULT_DOWNLOAD_S + load_s))
+
+
+async def _past_load_s(model: CatalogModel) -> float | None:
+    return await Instance.objects.filter(model=model, load_seconds__isnull=False).order_by("-ready_at").values_list(
+        "load_seconds", flat=True).afirst()
+
+
+def _state_of(instance: Instance | None, model_id: str, live: dict | None) -> dict:
+    if instance is None:
+        return warming_state(model_id=model_id, phase="idle", instance_id=None)
+    if live and live.get("instance") == instance.pk and live.get("phase") == instance.phase:
+        return live
+    return warming_state(model_id=model_id, phase=instance.phase, instance_id=instance.pk,
+                         bytes_done=instance.bytes_done, bytes_total=instance.bytes_total,
+                         rate_bps=instance.download_rate_bps, error=instance.last_error)
+
+
+async def warm_route(model: CatalogModel, *, budget_s: float) -> Route:
+    """Wait (as a coroutine, no thread held) until the model has a ready engine, placing a load if
+    nobody has. Raises WarmupFailed with the error response for no capacity, a failed load, or a
+    budget that ran out (the load goes on)."""
+    deadline = time.monotonic() + budget_s
+    events = model_events()
+    watched: Instance | None = None
+    while True:
+        future = await events.watch(model.model_id)
+        try:
+            active = await _warm_step(model, watched)
+        except BaseException:
+            events.discard(model.model_id, future)
+            raise
+        if isinstance(active, Route):
+            events.discard(model.model_id, future)
+            return active
+        watched = active
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            events.discard(model.model_id, future)
+            live = events.latest.get(model.model_id)
+            state = _state_of(active, model.model_id, live)
+            retry = retry_after_s(active, live, await _past_load_s(model))
+            raise WarmupFailed(error_response(
+                503, f"{model.model_id} is warming up ({state['phase']}, {state['pct']}%); retry in about {retry} s.",
+                type="server_error", code="model_warming", headers={"Retry-After": str(retry)},
+                warming={k: state[k] for k in ("model", "ready", "phase", "done_mb", "total_mb", "pct")},
+            ))
+        await events.wait(model.model_id, future, timeout_s=min(remaining, 10.0))
+
+
+async def _warm_step(model: CatalogModel, watched: Instance | None) -> Route | Instance:
+    """One look at the truth: a ready route, or the live instance to keep waiting on."""
+    route = await ready_route(model, use_cache=False)
+    if route is not None:
+        instance = await Instance.objects.select_related("node").aget(pk=route.instance_id)
+        return _route_for(instance, cold=True)
+    active = await _active(model)
+    if active is None and watched is not None:
+        ended = await Instance.objects.aget(pk=watched.pk)
+        if ended.phase == Phase.FAILED:
+            first_line = ended.last_error.splitlines()[0] if ended.last_error else "unknown error"
+            raise WarmupFailed(error_response(
+                503, f"Loading {model.model_id} failed: {first_line}",
+                type="server_error", code="model_load_failed", reason=ended.last_error[-2000:],
+            ))
+    if active is None:
+        try:
+            active = await sync_to_async(instance_ensure, thread_sensitive=False)(model=model)
+        except PlacementError as exc:
+            headers = {} if exc.code == "no_capacity" else {"Retry-After": "30"}
+            raise WarmupFailed(error_response(503, exc.reason, type="server_error", code=exc.code, headers=headers))
+    return active
+
+
+# --- proxying ---------------------------------------------------------------------------------
+
+def _porten_headers(response: HttpResponse, route: Route) -> None:
+    response["X-Porten-Cold-Start"] = "true" if route.cold else "false"
+    if route.cold and route.load_seconds is not None:
+        response["X-Porten-Load-Seconds"] = f"{route.load_seconds:.3f}"
+
+
+def _engine_gone(model_id: str) -> HttpResponse:
+    forget_route(model_id)
+    return error_response(502, f"The engine serving {model_id} did not answer; retry the request.",
+                          type="server_error", code="engine_unavailable")
+
+
+async def proxy(route: Route, *, path: str, body: dict, model_id: str) -> HttpResponse:
+    url = route.base_url + path
+    payload = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    client = upstream_client()
+    await inflight_enter(route.instance_id)
+    if not body.get("stream"):
+        try:
+            upstream = await client.post(url, content=payload, headers=headers)
+        except httpx.TransportError:
+            return _engine_gone(model_id)
+        finally:
+            await inflight_leave(route.instance_id)
+        response = HttpResponse(upstream.content, status=upstream.status_code,
+                                content_type=upstream.headers.get("content-type", "application/json"))
+        _porten_headers(response, route)
+        return response
+
+    try:
+        upstream = await client.send(client.build_request("POST", url, content=payload, headers=headers), stream=True)
+    except httpx.TransportError:
+        await inflight_leave(route.instance_id)
+        return _engine_gone(model_id)
+    if upstream.status_code != 200:
+        content = await upstream.aread()
+        await upstream.aclose()
+        await inflight_leave(route.instance_id)
+        response = HttpResponse(content, status=upstream.status_code,
+                                content_type=upstream.headers.get("content-type", "application/json"))
+        _porten_headers(response, route)
+        return response
+
+    async def relay():
+        # Closing the upstream response (also when the client goes away and Django cancels us)
+        # cancels the generation on the engine.
+        try:
+            async for chunk in upstream.aiter_raw():
+                yield chunk
+        finally:
+            await upstream.aclose()
+            await inflight_leave(route.instance_id)
+
+    response = StreamingHttpResponse(relay(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    _porten_headers(response, route)
+    return response
+
+
+async def record_demand(model_id: str, *, served: bool) -> None:
+    try:
+        await demand_record(model_id, served=served)
+    except Exception:
+        # Demand feeds eviction choices; losing one count must never fail a request.
+        logger.warning("could not record demand for %s", model_id, exc_info=True)

@@ -1,0 +1,86 @@
+"""Checks an OpenAI request body before it reaches an engine (engines are not good at bad input)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
+
+
+@dataclass
+class BadRequest(Exception):
+    message: str
+    param: str | None = None
+
+
+def _number(body: dict, name: str, low: float, high: float) -> None:
+    if name in body and body[name] is not None:
+        value = body[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
+            raise BadRequest(f"'{name}' must be a number between {low:g} and {high:g}", name)
+
+
+def _positive_int(body: dict, name: str, high: int | None = None) -> None:
+    if name in body and body[name] is not None:
+        value = body[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BadRequest(f"'{name}' must be a positive integer", name)
+        if high is not None and value > high:
+            raise BadRequest(f"'{name}' is {value}, more than this model's context length of {high}", name)
+
+
+def validate_common(body: Any) -> str:
+    """Checks shared by both endpoints; returns the model id."""
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    model = body.get("model")
+    if model is None:
+        raise BadRequest("Missing required field 'model'.", "model")
+    if not isinstance(model, str) or not model.strip():
+        raise BadRequest("'model' must be a non-empty string.", "model")
+    if "stream" in body and body["stream"] is not None and not isinstance(body["stream"], bool):
+        raise BadRequest("'stream' must be true or false.", "stream")
+    _number(body, "temperature", 0, 2)
+    _number(body, "top_p", 0, 1)
+    _number(body, "presence_penalty", -2, 2)
+    _number(body, "frequency_penalty", -2, 2)
+    _positive_int(body, "n", 16)
+    stop = body.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (
+            isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop))):
+        raise BadRequest("'stop' must be a string or a list of up to 4 strings.", "stop")
+    return model
+
+
+def validate_limits(body: dict, *, context_length: int) -> None:
+    _positive_int(body, "max_tokens", context_length)
+    _positive_int(body, "max_completion_tokens", context_length)
+
+
+def validate_chat(body: dict) -> None:
+    messages = body.get("messages")
+    if messages is None:
+        raise BadRequest("Missing required field 'messages'.", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of messages.", "messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequest(f"messages[{i}] must be an object with 'role' and 'content'.", f"messages[{i}]")
+        role = message.get("role")
+        if role not in ROLES:
+            raise BadRequest(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}.", f"messages[{i}].role")
+        content = message.get("content")
+        if content is None and not (role == "assistant" and message.get("tool_calls")):
+            raise BadRequest(f"messages[{i}].content is required.", f"messages[{i}].content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise BadRequest(f"messages[{i}].content must be a string or a list of parts.", f"messages[{i}].content")
+
+
+def validate_completion(body: dict) -> None:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise BadRequest("Missing required field 'prompt'.", "prompt")
+    ok = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and (
+        all(isinstance(p, str) for p in prompt) or all(isinstance(p, int) and not isinstance(p, bool) for p in prompt)))
+    if not ok:
+        raise BadRequest("'prompt' must be a string, a list of strings or a list of token ids.", "prompt")
