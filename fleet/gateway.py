@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_LOAD_S = 15.0
 DEFAULT_DOWNLOAD_S = 30.0
 ROUTE_TTL_S = 1.0
+BUSY_RETRY_S = 2.0  # how often a request that could not be placed asks the planner again
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,13 @@ async def warm_route(model: CatalogModel, *, budget_s: float) -> Route:
         if isinstance(active, Route):
             events.discard(model.model_id, future)
             return active
-        watched = active
+        busy = active if isinstance(active, PlacementError) else None
+        watched = None if busy else active
         remaining = deadline - time.monotonic()
+        if remaining <= 0 and busy is not None:
+            events.discard(model.model_id, future)
+            raise WarmupFailed(error_response(503, busy.reason, type="server_error", code=busy.code,
+                                              headers={"Retry-After": "30"}))
         if remaining <= 0:
             events.discard(model.model_id, future)
             live = events.latest.get(model.model_id)
@@ -157,10 +163,10 @@ async def warm_route(model: CatalogModel, *, budget_s: float) -> Route:
                 type="server_error", code="model_warming", headers={"Retry-After": str(retry)},
                 warming={k: state[k] for k in ("model", "ready", "phase", "done_mb", "total_mb", "pct")},
             ))
-        await events.wait(model.model_id, future, timeout_s=min(remaining, 10.0))
+        await events.wait(model.model_id, future, timeout_s=min(remaining, BUSY_RETRY_S if busy else 10.0))
 
 
-async def _warm_step(model: CatalogModel, watched: Instance | None) -> Route | Instance:
+async def _warm_step(model: CatalogModel, watched: Instance | None) -> Route | Instance | PlacementError:
     """One look at the truth: a ready route, or the live instance to keep waiting on."""
     route = await ready_route(model, use_cache=False)
     if route is not None:
@@ -179,8 +185,11 @@ async def _warm_step(model: CatalogModel, watched: Instance | None) -> Route | I
         try:
             active = await sync_to_async(instance_ensure, thread_sensitive=False)(model=model)
         except PlacementError as exc:
-            headers = {} if exc.code == "no_capacity" else {"Retry-After": "30"}
-            raise WarmupFailed(error_response(503, exc.reason, type="server_error", code=exc.code, headers=headers))
+            if exc.code == "no_capacity":
+                raise WarmupFailed(error_response(503, exc.reason, type="server_error", code=exc.code))
+            # Busier models hold the memory right now: keep waiting (they may go idle, or this
+            # model's demand may grow past theirs) and try again on the next wake-up.
+            return exc
     return active
 
 

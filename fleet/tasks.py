@@ -24,7 +24,7 @@ def unload_instance(instance_id: int) -> str:
         close_old_connections()
 
 
-@shared_task(ignore_result=True)
+@shared_task
 def unload_idle_instances() -> list[int]:
     """Beat, on the hub queue: unload models idle for a whole demand window."""
     from .placement import instances_unload_idle

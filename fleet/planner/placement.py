@@ -46,7 +46,7 @@ from fleet.planner.types import (
     Placement,
 )
 
-MAX_NODES_COMPARED = 32
+MAX_NODES_COMPARED = 16
 # Up to this many groups of k GPUs on a node are each searched for a cover; above it only
 # the k GPUs whose own covers are cheapest.
 EXACT_GPU_GROUPS = 10
@@ -55,8 +55,9 @@ EXACT_GPU_GROUPS = 10
 _PlanKey = tuple[float, int, int, int, int]
 # (node, gpu indices, MB per GPU, victims)
 _Plan = tuple[NodeState, tuple[int, ...], int, tuple[Candidate, ...]]
-# (least MB any cover must free, needs download, node order, node, split options)
-_Shortfall = tuple[int, bool, int, NodeState, list[tuple[int, int]]]
+# (least MB any cover must free, needs download, node order, node, split options or None
+# when not yet worked out)
+_Shortfall = tuple[int, bool, int, NodeState, list[tuple[int, int]] | None]
 
 
 def share_mb(vram_mb: int, k: int) -> int:
@@ -102,16 +103,19 @@ def place(
     fit_key: tuple[bool, int, int] | None = None
     fit: tuple[NodeState, tuple[int, ...], int] | None = None
     shortfalls: list[_Shortfall] = []
-    layouts: dict[tuple[int, ...], tuple[list[tuple[int, int]], bool]] = {}
+    layouts = _Layouts(vram)
+    single = [(1, vram)]
     for order, node in enumerate(online):
         download = model_id not in node.models_on_disk
         if fit_key is not None and download > fit_key[0]:
             continue  # weights on disk somewhere with room beats any download
         tightest = None
         least_short = None
+        free_sum = 0
         for g in node.gpus:
+            free = g.free_mb
+            free_sum += free
             if g.total_mb >= vram:
-                free = g.free_mb
                 if free >= vram:
                     if tightest is None or free < tightest.free_mb:
                         tightest = g
@@ -121,61 +125,53 @@ def place(
             key = (download, tightest.free_mb - vram, order)
             if fit_key is None or key < fit_key:
                 fit_key, fit = key, (node, (tightest.index,), vram)
-            continue
-        if least_short is not None:
-            shortfalls.append((least_short, download, order, node, [(1, vram)]))
-            continue
-        totals = tuple(g.total_mb for g in node.gpus)
-        layout = layouts.get(totals)
-        if layout is None:
-            options = split_options(node, vram)
-            # Uniform: every GPU is big enough for every share, the common case of a node
-            # of identical GPUs, which the fast path below relies on.
-            uniform = bool(options) and min(totals) >= options[0][1]
-            layout = layouts[totals] = (options, uniform)
-        options, uniform = layout
-        if not options:
-            continue
-        if uniform:
-            found = _uniform_split(node, options)
+        elif least_short is not None:
+            shortfalls.append((least_short, download, order, node, single))
+        elif free_sum < vram:
+            # Split or not, k GPUs given ceil(vram / k) each hold at least vram, more than
+            # the node has free: no fit here, and any cover frees at least the difference.
+            # Whether the node could ever hold the model is settled only if it is needed.
+            shortfalls.append((vram - free_sum, download, order, node, None))
         else:
-            found = _fewest_gpus_fitting(node, options)
-        if isinstance(found, tuple):
-            gpu_indices, per, leftover = found
-            key = (download, leftover, order)
-            if fit_key is None or key < fit_key:
-                fit_key, fit = key, (node, gpu_indices, per)
-        else:
-            bound = found if found is not None else _least_to_free(node, options)
-            shortfalls.append((bound, download, order, node, options))
+            options, uniform = layouts.of(node)
+            if not options:
+                continue
+            found = _uniform_split(node, options) if uniform else _fewest_gpus_fitting(node, options)
+            if isinstance(found, tuple):
+                gpu_indices, per, leftover = found
+                key = (download, leftover, order)
+                if fit_key is None or key < fit_key:
+                    fit_key, fit = key, (node, gpu_indices, per)
+            else:
+                bound = found if found is not None else _least_to_free(node, options)
+                shortfalls.append((bound, download, order, node, options))
 
     if fit is not None:
         return _fit_placement(model, *fit)
-    if not shortfalls:
-        return NoPlacement(NO_CAPACITY, _no_capacity_reason(model, online))
 
     wanted = demand.of(model_id)
-    if wanted <= 0:
-        # Demand counts are never negative, so no victim has strictly lower demand.
-        return NoPlacement(BUSY, _busy_reason(model, wanted))
-
-    shortfalls.sort(key=lambda s: (s[0], s[1], s[2]))
-    candidates_by_node: dict[int, list[Candidate]] = {}
-    for allow_young in (False, True):
-        plan, saw_young = _best_eviction(
-            shortfalls,
-            candidates_by_node,
-            demand.per_model,
-            wanted,
-            now_s,
-            min_residency_s,
-            allow_young,
-            max_nodes_compared,
-        )
-        if plan is not None:
-            return _eviction_placement(model, plan, demand, wanted, min_residency_s)
-        if not saw_young:
-            break
+    # Demand counts are never negative, so at zero no victim has strictly lower demand.
+    if wanted > 0:
+        shortfalls.sort(key=lambda s: (s[0], s[1], s[2]))
+        candidates_by_node: dict[int, list[Candidate]] = {}
+        for allow_young in (False, True):
+            plan, saw_young = _best_eviction(
+                shortfalls,
+                layouts,
+                candidates_by_node,
+                demand.per_model,
+                wanted,
+                now_s,
+                min_residency_s,
+                allow_young,
+                max_nodes_compared,
+            )
+            if plan is not None:
+                return _eviction_placement(model, plan, demand, wanted, min_residency_s)
+            if not saw_young:
+                break
+    if not any(s[4] or layouts.of(s[3])[0] for s in shortfalls):
+        return NoPlacement(NO_CAPACITY, _no_capacity_reason(model, online))
     return NoPlacement(BUSY, _busy_reason(model, wanted))
 
 
@@ -204,6 +200,24 @@ def idle_instances(
                 idle.append((now_s - since, node.name, inst))
     idle.sort(key=lambda t: (-t[0], t[1], t[2].instance_id))
     return [(name, inst) for _, name, inst in idle]
+
+
+class _Layouts:
+    """Split options per GPU layout, worked out once per call: fleets repeat a few layouts."""
+
+    def __init__(self, vram_mb: int) -> None:
+        self.vram_mb = vram_mb
+        self.seen: dict[tuple[int, ...], tuple[list[tuple[int, int]], bool]] = {}
+
+    def of(self, node: NodeState) -> tuple[list[tuple[int, int]], bool]:
+        """(options, uniform): uniform when every GPU takes every share (identical GPUs)."""
+        totals = tuple(g.total_mb for g in node.gpus)
+        layout = self.seen.get(totals)
+        if layout is None:
+            options = split_options(node, self.vram_mb)
+            uniform = bool(options) and min(totals) >= options[0][1]
+            layout = self.seen[totals] = (options, uniform)
+        return layout
 
 
 def _fewest_gpus_fitting(
@@ -266,10 +280,10 @@ def _node_candidates(
     get = demand_per_model.get
     out: list[Candidate] = []
     for inst in node.instances:
-        if inst.pinned or not inst.evictable:
-            continue
+        # Demand first: on a busy fleet it rejects most instances, and this loop is the
+        # one that touches every instance when no node can make room.
         d = get(inst.model_id, 0.0)
-        if d >= wanted:
+        if d >= wanted or inst.pinned or not inst.evictable:
             continue
         per = inst.vram_mb // max(len(inst.gpu_indices), 1)
         if per > 0:
@@ -280,6 +294,7 @@ def _node_candidates(
 
 def _best_eviction(
     shortfalls: list[_Shortfall],
+    layouts: _Layouts,
     candidates_by_node: dict[int, list[Candidate]],
     demand_per_model: Mapping[str, float],
     wanted: float,
@@ -300,6 +315,10 @@ def _best_eviction(
             if compared >= max_nodes_compared:
                 break
             compared += 1
+        if options is None:
+            options = layouts.of(node)[0]
+            if not options:
+                continue
         cands = candidates_by_node.get(order)
         if cands is None:
             cands = _node_candidates(node, demand_per_model, wanted, now_s, min_residency_s)
@@ -311,7 +330,7 @@ def _best_eviction(
         if not cands:
             continue
         tail = (int(download), order)
-        found = _best_on_node(node, options, cands, best_key, tail)
+        found = _best_on_node(node, options, cands, best_key, tail, least)
         if found is not None:
             best_key, best_plan = found[0], (node, found[1], found[2], found[3])
     return best_plan, saw_young
@@ -323,8 +342,20 @@ def _best_on_node(
     cands: list[Candidate],
     best_key: _PlanKey | None,
     tail: tuple[int, int],
+    least_mb: int,
 ) -> tuple[_PlanKey, tuple[int, ...], int, tuple[Candidate, ...]] | None:
     """Best cover at this node's fewest GPUs that can make room, if it beats `best_key`."""
+    if best_key is not None:
+        # Cheap bound before any search: a set costs at least its cheapest member per MB,
+        # and each short GPU of the group needs a victim of its own unless victims span GPUs.
+        fewest = 1
+        if len(options) == 1:
+            k, per = options[0]
+            roomy = sum(1 for g in node.gpus if g.free_mb >= per)
+            widest = max(len(c.instance.gpu_indices) for c in cands)
+            fewest = max(1, -(-(k - roomy) // widest))
+        if (min(c.ratio for c in cands), fewest, least_mb) + tail >= best_key:
+            return None
     for k, per in options:
         if k == 1:
             found, feasible = _best_single(node, per, cands, best_key, tail)

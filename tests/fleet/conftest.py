@@ -55,8 +55,8 @@ def hf(hf_hub):
 class NodeWorker:
     """A real `manage.py node_worker` subprocess: this test's node."""
 
-    def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
-        self.name, self.env, self.log = name, env, log
+    def __init__(self, name: str, env: dict[str, str], log: Path, args: list[str] | None = None) -> None:
+        self.name, self.env, self.log, self.args = name, env, log, args or []
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 60) -> "NodeWorker":
@@ -65,7 +65,7 @@ class NodeWorker:
         started_before = Node.objects.filter(name=self.name).values_list("agent_started_at", flat=True).first()
         out = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "manage.py", "node_worker", "--concurrency", "4", "--loglevel", "INFO"],
+            [sys.executable, "manage.py", "node_worker", "--concurrency", "4", "--loglevel", "INFO", *self.args],
             cwd=REPO_ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout_s
@@ -96,32 +96,32 @@ class NodeWorker:
                 self.proc.wait(timeout=10)
 
 
-def make_node_worker(tmp_path: Path, hf_url: str, **extra_env: str) -> NodeWorker:
+def make_node_worker(tmp_path: Path, hf_url: str, args: list[str] | None = None, **extra_env: str) -> NodeWorker:
     name = f"test-{uuid.uuid4().hex[:8]}"
-    env = service_env(
-        PORTEN_NODE_NAME=name,
-        PORTEN_MODEL_DIR=str(tmp_path / "models"),
-        PORTEN_ENGINE_LOG_DIR=str(tmp_path / "engine-logs"),
-        PORTEN_NODE_MEMORY_MB="4096",
-        PORTEN_SUPERVISE_S="0.5",
-        PORTEN_HEARTBEAT_S="2",
-        PORTEN_PROGRESS_INTERVAL_S="0.1",
-        PORTEN_ENGINE_LOAD_TIMEOUT_S="60",
-        HF_ENDPOINT=hf_url,
-        HF_HUB_DISABLE_XET="1",
-        HF_HUB_ETAG_TIMEOUT="5",
-        HF_HUB_DOWNLOAD_TIMEOUT="10",
+    env = service_env(**{
+        "PORTEN_NODE_NAME": name,
+        "PORTEN_MODEL_DIR": str(tmp_path / "models"),
+        "PORTEN_ENGINE_LOG_DIR": str(tmp_path / "engine-logs"),
+        "PORTEN_NODE_MEMORY_MB": "4096",
+        "PORTEN_SUPERVISE_S": "0.5",
+        "PORTEN_HEARTBEAT_S": "2",
+        "PORTEN_PROGRESS_INTERVAL_S": "0.1",
+        "PORTEN_ENGINE_LOAD_TIMEOUT_S": "60",
+        "HF_ENDPOINT": hf_url,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_ETAG_TIMEOUT": "5",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "10",
         **extra_env,
-    )
-    return NodeWorker(name, env, tmp_path / f"worker-{name}.log")
+    })
+    return NodeWorker(name, env, tmp_path / f"worker-{name}.log", args)
 
 
 @pytest.fixture
 def node_worker_factory(transactional_db, tmp_path, hf):
     workers: list[NodeWorker] = []
 
-    def factory(**extra_env: str) -> NodeWorker:
-        worker = make_node_worker(tmp_path, hf.url, **extra_env)
+    def factory(args: list[str] | None = None, **extra_env: str) -> NodeWorker:
+        worker = make_node_worker(tmp_path, hf.url, args, **extra_env)
         workers.append(worker)
         return worker.start()
 
