@@ -1,6 +1,8 @@
 """Reads of the catalog."""
 from __future__ import annotations
 
+import time
+
 from django.db.models import QuerySet
 
 from .models import CatalogModel
@@ -14,7 +16,20 @@ def offered_model(model_id: str) -> CatalogModel | None:
     return offered_models().filter(model_id=model_id).first()
 
 
-async def offered_model_aget(model_id: str) -> CatalogModel | None:
-    if not isinstance(model_id, str) or not model_id:
+_OFFERED_TTL_S = 2.0  # enabling or disabling a model reaches every hub process within this long
+_offered_cache: dict[str, tuple[float, CatalogModel | None]] = {}
+
+
+async def offered_model_aget(model_id: str, *, fresh: bool = False) -> CatalogModel | None:
+    """The offered model with this id, remembered briefly: the gateway asks for it on every request."""
+    if not isinstance(model_id, str) or not model_id or len(model_id) > 100:
         return None
-    return await offered_models().filter(model_id=model_id).afirst()
+    now = time.monotonic()
+    hit = _offered_cache.get(model_id)
+    if hit is not None and hit[0] > now and not fresh:
+        return hit[1]
+    model = await offered_models().filter(model_id=model_id).afirst()
+    if len(_offered_cache) > 10_000:
+        _offered_cache.clear()
+    _offered_cache[model_id] = (now + _OFFERED_TTL_S, model)
+    return model

@@ -78,12 +78,16 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
         return invalid_request(exc.message, param=exc.param)
 
     route = await ready_route(model)
-    await record_demand(model.model_id, served=route is not None)
-    if route is None:
-        try:
-            route = await warm_route(model, budget_s=budget_s)
-        except WarmupFailed as failure:
-            return failure.response
+    if route is not None:
+        response = await proxy(route, path=path, body=body, model_id=model.model_id, count_served=True)
+        if response.status_code != 502:
+            return response
+        # The cached engine went away (unloaded or crashed): fall through to the cold path.
+    await record_demand(model.model_id, served=False)
+    try:
+        route = await warm_route(model, budget_s=budget_s)
+    except WarmupFailed as failure:
+        return failure.response
     return await proxy(route, path=path, body=body, model_id=model.model_id)
 
 

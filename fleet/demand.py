@@ -25,14 +25,18 @@ def _window_buckets(now: float, window_s: float) -> list[int]:
     return list(range(current - count + 1, current + 1))
 
 
-async def demand_record(model_id: str, *, served: bool, now: float | None = None) -> None:
+def demand_commands(pipe, model_id: str, *, served: bool, now: float | None = None, count: int = 1) -> None:
+    """Queue the commands that count requests on a Redis pipeline (callers batch them)."""
     now = time.time() if now is None else now
-    bucket = int(now // BUCKET_S)
-    key = _bucket_key("served" if served else "unmet", model_id, bucket)
-    pipe = aredis_client().pipeline(transaction=False)
-    pipe.incr(key)
+    key = _bucket_key("served" if served else "unmet", model_id, int(now // BUCKET_S))
+    pipe.incrby(key, count)
     pipe.expire(key, int(settings.PORTEN_DEMAND_WINDOW_S) + 2 * BUCKET_S)
     pipe.set(last_request_key(model_id), now)
+
+
+async def demand_record(model_id: str, *, served: bool, now: float | None = None) -> None:
+    pipe = aredis_client().pipeline(transaction=False)
+    demand_commands(pipe, model_id, served=served, now=now)
     await pipe.execute()
 
 

@@ -19,7 +19,7 @@ from porten.errors import error_response
 
 from .demand import demand_record
 from .events import model_events
-from .inflight import inflight_enter, inflight_leave
+from .inflight import tally
 from .live import warming_state
 from .models import ACTIVE_PHASES, Instance, Phase
 from .placement import PlacementError, instance_ensure
@@ -57,7 +57,8 @@ def upstream_client() -> httpx.AsyncClient:
     if client is None:
         client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.PORTEN_UPSTREAM_TIMEOUT_S, connect=5.0),
-            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=256),
+            # A small keep-alive pool: httpcore scans it on every request.
+            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=64),
             trust_env=False,
         )
         _clients[loop] = client
@@ -207,19 +208,33 @@ def _engine_gone(model_id: str) -> HttpResponse:
                           type="server_error", code="engine_unavailable")
 
 
-async def proxy(route: Route, *, path: str, body: dict, model_id: str) -> HttpResponse:
+class _Accounting:
+    """One request in flight on an instance (and, for a warm hit, one served request)."""
+
+    def __init__(self, instance_id: int, served_model_id: str | None) -> None:
+        self.instance_id, self.open = instance_id, True
+        tally().enter(instance_id, served_model_id)
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            tally().leave(self.instance_id)
+
+
+async def proxy(route: Route, *, path: str, body: dict, model_id: str, count_served: bool = False) -> HttpResponse:
+    """Forward to the engine. With `count_served`, the request also counts as served demand."""
     url = route.base_url + path
     payload = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     client = upstream_client()
-    await inflight_enter(route.instance_id)
+    accounting = _Accounting(route.instance_id, model_id if count_served else None)
     if not body.get("stream"):
         try:
             upstream = await client.post(url, content=payload, headers=headers)
         except httpx.TransportError:
             return _engine_gone(model_id)
         finally:
-            await inflight_leave(route.instance_id)
+            accounting.close()
         response = HttpResponse(upstream.content, status=upstream.status_code,
                                 content_type=upstream.headers.get("content-type", "application/json"))
         _porten_headers(response, route)
@@ -228,12 +243,12 @@ async def proxy(route: Route, *, path: str, body: dict, model_id: str) -> HttpRe
     try:
         upstream = await client.send(client.build_request("POST", url, content=payload, headers=headers), stream=True)
     except httpx.TransportError:
-        await inflight_leave(route.instance_id)
+        accounting.close()
         return _engine_gone(model_id)
     if upstream.status_code != 200:
         content = await upstream.aread()
         await upstream.aclose()
-        await inflight_leave(route.instance_id)
+        accounting.close()
         response = HttpResponse(content, status=upstream.status_code,
                                 content_type=upstream.headers.get("content-type", "application/json"))
         _porten_headers(response, route)
@@ -247,7 +262,7 @@ async def proxy(route: Route, *, path: str, body: dict, model_id: str) -> HttpRe
                 yield chunk
         finally:
             await upstream.aclose()
-            await inflight_leave(route.instance_id)
+            accounting.close()
 
     response = StreamingHttpResponse(relay(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"

@@ -41,19 +41,61 @@ async def authenticate_async(request) -> tuple[object | None, bool]:
 
     from django.utils import timezone
 
-    from .keys import api_key_afor
-
     header = request.META.get("HTTP_AUTHORIZATION", "")
     if header:
-        api_key = await api_key_afor(bearer_token(header))
+        api_key = await _cached_api_key(bearer_token(header))
         if api_key is None:
             return None, False
         now = timezone.now()
         if api_key.last_used_at is None or now - api_key.last_used_at > timedelta(minutes=1):
             # Recorded at most once a minute: a write per request would cost the hot path.
             await type(api_key).objects.filter(pk=api_key.pk).aupdate(last_used_at=now)
+            api_key.last_used_at = now
         return ApiKeyUser(api_key), False
-    user = await request.auser()
-    if user.is_authenticated:
+    user = await _session_user(request)
+    if user is not None and user.is_authenticated:
         return user, True
     return None, False
+
+
+async def _session_user(request):
+    """The signed-in user, with or without the session and auth middleware in front of the view."""
+    if hasattr(request, "auser"):
+        return await request.auser()
+    from importlib import import_module
+
+    from django.conf import settings
+    from django.contrib.auth import aget_user
+
+    session_key = request.COOKIES.get(settings.SESSION_COOKIE_NAME)
+    if not session_key:
+        return None
+    request.session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    return await aget_user(request)
+
+
+_KEY_TTL_S = 10.0  # a revoked key stops working within this long in every hub process
+_key_cache: dict[str, tuple[float, object]] = {}
+
+
+async def _cached_api_key(raw_key: str):
+    """Valid keys are remembered briefly so the hot path does not query the database per request."""
+    import time
+
+    from .keys import api_key_afor, hash_key
+
+    if not raw_key:
+        return None
+    digest = hash_key(raw_key)
+    now = time.monotonic()
+    hit = _key_cache.get(digest)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    api_key = await api_key_afor(raw_key)
+    if api_key is not None:
+        if len(_key_cache) > 10_000:
+            _key_cache.clear()
+        _key_cache[digest] = (now + _KEY_TTL_S, api_key)
+    else:
+        _key_cache.pop(digest, None)
+    return api_key

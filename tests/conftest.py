@@ -86,3 +86,16 @@ def live_hub(django_db_setup, django_db_blocker, tmp_path_factory):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_caches():
+    """Hot-path caches live per process; tests recreate rows with the same ids, so start clean."""
+    from catalog import selectors
+    from fleet import gateway
+    from porten import auth
+
+    selectors._offered_cache.clear()
+    auth._key_cache.clear()
+    gateway._routes.clear()
+    yield

@@ -1,6 +1,7 @@
 """The placement planner: pure functions from the fleet's state and demand to a decision."""
 
 from fleet.planner.placement import (
+    MAX_NODES_COMPARED,
     freed_per_gpu_mb,
     idle_instances,
     place,
@@ -21,6 +22,7 @@ from fleet.planner.types import (
 
 __all__ = [
     "BUSY",
+    "MAX_NODES_COMPARED",
     "NO_CAPACITY",
     "Demand",
     "GpuState",

@@ -4,8 +4,8 @@ A cover is a set of evictable instances that, once gone, leaves every target GPU
 least the memory the new model needs there. Only *minimal* covers count: dropping any one
 victim must leave some target GPU short, so the planner never evicts more than it needs.
 
-Covers are ranked by `CoverKey`: cost per MB freed (cost = demand x reload seconds), then
-fewer victims, then less memory freed. The search is exhaustive for small candidate lists
+Covers are ranked by `CoverKey`: cost per MB freed (cost = demand x reload seconds; MB freed
+counts each victim's whole footprint), then fewer victims, then less memory freed. The search is exhaustive for small candidate lists
 and a greedy-then-prune pass above `EXHAUSTIVE_LIMIT`, so one call stays cheap.
 """
 

@@ -29,7 +29,6 @@ from math import comb
 
 from fleet.planner.cover import (
     Candidate,
-    CoverKey,
     best_multi_gpu_cover,
     best_single_gpu_cover,
     cover_key,
@@ -46,7 +45,7 @@ from fleet.planner.types import (
     Placement,
 )
 
-MAX_NODES_COMPARED = 16
+MAX_NODES_COMPARED = 8
 # Up to this many groups of k GPUs on a node are each searched for a cover; above it only
 # the k GPUs whose own covers are cheapest.
 EXACT_GPU_GROUPS = 10
@@ -55,6 +54,8 @@ EXACT_GPU_GROUPS = 10
 _PlanKey = tuple[float, int, int, int, int]
 # (node, gpu indices, MB per GPU, victims)
 _Plan = tuple[NodeState, tuple[int, ...], int, tuple[Candidate, ...]]
+# the best cover found on one node: (its key, gpu indices, MB per GPU, victims)
+_NodeBest = tuple[_PlanKey, tuple[int, ...], int, tuple[Candidate, ...]]
 # (least MB any cover must free, needs download, node order, node, split options or None
 # when not yet worked out)
 _Shortfall = tuple[int, bool, int, NodeState, list[tuple[int, int]] | None]
@@ -343,7 +344,7 @@ def _best_on_node(
     best_key: _PlanKey | None,
     tail: tuple[int, int],
     least_mb: int,
-) -> tuple[_PlanKey, tuple[int, ...], int, tuple[Candidate, ...]] | None:
+) -> _NodeBest | None:
     """Best cover at this node's fewest GPUs that can make room, if it beats `best_key`."""
     if best_key is not None:
         # Cheap bound before any search: a set costs at least its cheapest member per MB,
@@ -368,7 +369,14 @@ def _best_on_node(
     return None
 
 
-def _best_single(node, per, cands, best_key, tail):
+def _best_single(
+    node: NodeState,
+    per: int,
+    cands: list[Candidate],
+    best_key: _PlanKey | None,
+    tail: tuple[int, int],
+) -> tuple[_NodeBest | None, bool]:
+    """Best single-GPU cover on the node beating `best_key`, and whether any GPU can make room."""
     by_gpu: dict[int, list[Candidate]] = {}
     for c in cands:
         for g in c.instance.gpu_indices:
@@ -397,7 +405,14 @@ def _best_single(node, per, cands, best_key, tail):
     return best, feasible
 
 
-def _best_split_exact(node, k, per, cands, best_key, tail):
+def _best_split_exact(
+    node: NodeState,
+    k: int,
+    per: int,
+    cands: list[Candidate],
+    best_key: _PlanKey | None,
+    tail: tuple[int, int],
+) -> tuple[_NodeBest | None, bool]:
     """Every group of k GPUs, each searched for its cheapest cover."""
     best = None
     feasible = False
@@ -417,7 +432,14 @@ def _best_split_exact(node, k, per, cands, best_key, tail):
     return best, feasible
 
 
-def _best_split_greedy(node, k, per, cands, best_key, tail):
+def _best_split_greedy(
+    node: NodeState,
+    k: int,
+    per: int,
+    cands: list[Candidate],
+    best_key: _PlanKey | None,
+    tail: tuple[int, int],
+) -> tuple[_NodeBest | None, bool]:
     """Many GPUs: take the k whose own cheapest covers are cheapest, then prune the union.
 
     A GPU can host its share iff all candidates on it together free enough, independently

@@ -40,7 +40,7 @@ def frees_per_gpu(inst: LoadedInstance) -> int:
 
 
 @st.composite
-def fleets(draw, max_instances: int = 6) -> list[NodeState]:
+def fleets(draw, max_instances: int = 6, full: bool = False) -> list[NodeState]:
     nodes = []
     instance_id = 0
     for n in range(draw(st.integers(1, 3))):
@@ -56,7 +56,7 @@ def fleets(draw, max_instances: int = 6) -> list[NodeState]:
             if room < 500:
                 continue
             # Shares of what is left, so GPUs end up full often enough to need evictions.
-            share = draw(st.sampled_from([0.2, 0.34, 0.5, 0.5, 1.0]))
+            share = draw(st.sampled_from([0.34, 0.5, 0.5, 1.0, 1.0]))
             vram = max(int(room * span * share) - draw(st.sampled_from([0, 0, 1, 333])), 100)
             per = need_per_gpu(vram, span)
             for g in gpus:
@@ -74,6 +74,23 @@ def fleets(draw, max_instances: int = 6) -> list[NodeState]:
                 )
             )
             instance_id += 1
+        if full:
+            # Top every GPU up with one more instance, so most requests need evictions.
+            for g in range(n_gpus):
+                room = totals[g] - used[g]
+                if room >= 500:
+                    used[g] += room
+                    instances.append(
+                        LoadedInstance(
+                            instance_id=instance_id,
+                            model_id=draw(st.sampled_from(MODEL_IDS)),
+                            vram_mb=room,
+                            gpu_indices=(g,),
+                            loaded_at_s=draw(st.sampled_from([0.0, 500.0, 990.0])),
+                            reload_s=float(draw(st.integers(1, 60))),
+                        )
+                    )
+                    instance_id += 1
         gpu_states = tuple(
             GpuState(
                 index=i,
@@ -96,7 +113,7 @@ def fleets(draw, max_instances: int = 6) -> list[NodeState]:
 
 
 demands = st.fixed_dictionaries(
-    {m: st.integers(0, 5) for m in MODEL_IDS} | {REQUESTED: st.integers(0, 7)}
+    {m: st.integers(0, 5) for m in MODEL_IDS} | {REQUESTED: st.sampled_from([0, 1, 3, 5, 6, 6])}
 ).map(lambda d: Demand({k: float(v) for k, v in d.items()}))
 
 models = st.one_of(
@@ -214,6 +231,16 @@ def check_legal(result: Placement, model, nodes, demand) -> None:
 @SETTINGS
 @given(fleet=fleets(), demand=demands, model=models)
 def test_place_matches_oracle(fleet, demand, model):
+    check_against_oracle(fleet, demand, model)
+
+
+@SETTINGS
+@given(fleet=fleets(full=True), demand=demands, model=models)
+def test_place_matches_oracle_on_full_fleets(fleet, demand, model):
+    check_against_oracle(fleet, demand, model)
+
+
+def check_against_oracle(fleet, demand, model) -> None:
     result = place(model, fleet, demand, now_s=NOW_S, min_residency_s=MIN_RESIDENCY_S)
 
     if not ever_fits(model, fleet):
@@ -295,3 +322,73 @@ def test_greedy_cover_is_legal_and_minimal(crowded, vram):
         allowed = [i for i in node.instances if demand.of(i.model_id) < 10.0]
         assert not covers(node, (0,), vram, allowed)
         assert result.code == BUSY
+
+
+@st.composite
+def wide_nodes(draw) -> list[NodeState]:
+    """Nodes of 8 GPUs: too many groups of k GPUs to try each, so the greedy split search runs."""
+    nodes = []
+    instance_id = 0
+    for n in range(draw(st.integers(1, 2))):
+        used = [0] * 8
+        instances = []
+        for _ in range(draw(st.integers(0, 30))):
+            span = draw(st.sampled_from([1, 1, 1, 2]))
+            first = draw(st.integers(0, 8 - span))
+            gpus = tuple(range(first, first + span))
+            room = min(80_000 - used[g] for g in gpus)
+            if room < 1_000:
+                continue
+            vram = int(room * span * draw(st.sampled_from([0.5, 1.0, 1.0])))
+            for g in gpus:
+                used[g] += need_per_gpu(vram, span)
+            instances.append(
+                LoadedInstance(
+                    instance_id=instance_id,
+                    model_id=draw(st.sampled_from(MODEL_IDS)),
+                    vram_mb=vram,
+                    gpu_indices=gpus,
+                    pinned=draw(st.sampled_from([False, False, False, True])),
+                    loaded_at_s=draw(st.sampled_from([0.0, 990.0])),
+                    reload_s=float(draw(st.integers(1, 60))),
+                )
+            )
+            instance_id += 1
+        nodes.append(
+            NodeState(
+                name=f"wide-{n}",
+                gpus=tuple(GpuState(i, 80_000, 80_000 - used[i]) for i in range(8)),
+                instances=tuple(instances),
+            )
+        )
+    return nodes
+
+
+@SETTINGS
+@given(fleet=wide_nodes(), demand=demands, vram=st.integers(80_001, 400_000))
+def test_split_over_many_gpus_is_legal_and_minimal(fleet, demand, vram):
+    model = ModelSpec(REQUESTED, vram)
+    result = place(model, fleet, demand, now_s=NOW_S, min_residency_s=MIN_RESIDENCY_S)
+    wanted = demand.of(REQUESTED)
+
+    def can_make_room(node: NodeState) -> bool:
+        allowed = [
+            i for i in node.instances
+            if not i.pinned and i.evictable and demand.of(i.model_id) < wanted
+        ]
+        return any(
+            sum(covers(node, (g.index,), per, allowed) for g in node.gpus) >= k
+            for k, per in options(node, vram)
+        )
+
+    if fits_without_eviction(model, fleet):
+        event("fits without eviction")
+        assert isinstance(result, Placement) and result.evict == ()
+    elif any(can_make_room(n) for n in fleet):
+        event(f"evicts, split over {len(result.gpu_indices)}" if isinstance(result, Placement) else "?")
+        assert isinstance(result, Placement), result
+        check_legal(result, model, fleet, demand)
+    else:
+        event(getattr(result, "code", "?"))
+        assert isinstance(result, NoPlacement) and result.code in (BUSY, NO_CAPACITY)
+        assert result.code == (BUSY if any(options(n, vram) for n in fleet) else NO_CAPACITY)

@@ -1,0 +1,125 @@
+"""What Porten adds to a request: the same requests straight to an engine and through Porten
+(and through LiteLLM's proxy, the peer), non-streaming and streaming, at 1 and 32 clients.
+
+    python bench/gateway_overhead.py            # stub engine (measures Porten alone) + LiteLLM peer
+    python bench/gateway_overhead.py --llama    # adds a second run against real llama.cpp (Gemma 3 270M)
+
+LiteLLM runs from its own virtualenv (`pip install 'litellm[proxy]'` into
+~/.cache/porten-bench/litellm-venv, or pass --litellm PATH-TO-litellm); without it the peer column is skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from harness import REPO, Stack, free_port, load, summary
+
+DEFAULT_LITELLM = Path.home() / ".cache/porten-bench/litellm-venv/bin/litellm"
+
+
+LITELLM_KEY = "sk-porten-bench-" + "0" * 32
+
+
+def start_litellm(stack: Stack, binary: Path, upstream: str, model: str) -> str | None:
+    if not binary.exists():
+        print(f"(LiteLLM not found at {binary}: peer column skipped)")
+        return None
+    port = free_port()
+    config = Path(tempfile.mkdtemp()) / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        f"  - model_name: {model}\n"
+        "    litellm_params:\n"
+        f"      model: openai/{model}\n"
+        f"      api_base: {upstream}/v1\n"
+        "      api_key: none\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+        "  drop_params: true\n"
+    )
+    stack.start([str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+                f"http://127.0.0.1:{port}/health/liveliness", LITELLM_TELEMETRY="False", LITELLM_LOG="ERROR",
+                LITELLM_MASTER_KEY=LITELLM_KEY)
+    return f"http://127.0.0.1:{port}"
+
+
+def run_table(title: str, targets: dict[str, tuple[str, str | None]], model: str, plan: list[tuple[bool, int, int]],
+              max_tokens: int) -> None:
+    print(f"\n== {title} ==")
+    header = f"{'mode':<10}{'clients':>8} {'target':<8}{'p50 ms':>9}{'p99 ms':>9}{'TTFT p50':>10}{'errors':>7}" \
+             f"{'added p50':>11}{'ratio':>7}"
+    print(header)
+    print("-" * len(header))
+    for stream, clients, requests in plan:
+        results = {}
+        for name, (url, key) in targets.items():
+            asyncio.run(load(url, model=model, concurrency=clients, requests=max(clients, requests // 10),
+                             stream=stream, api_key=key, max_tokens=max_tokens))  # warm connections and caches
+            results[name] = summary(asyncio.run(load(url, model=model, concurrency=clients, requests=requests,
+                                                     stream=stream, api_key=key, max_tokens=max_tokens)))
+        base = results["direct"]
+        for name, r in results.items():
+            added = r["p50_ms"] - base["p50_ms"]
+            ratio = r["p50_ms"] / base["p50_ms"]
+            ttft = f"{r['ttft_p50_ms']:.2f}" if r["ttft_p50_ms"] is not None else "-"
+            print(f"{'stream' if stream else 'plain':<10}{clients:>8} {name:<8}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+                  f"{ttft:>10}{r['errors']:>7}{added if name != 'direct' else 0:>+11.2f}{ratio:>7.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama", action="store_true", help="also run against a real llama.cpp engine")
+    parser.add_argument("--litellm", type=Path, default=DEFAULT_LITELLM)
+    parser.add_argument("--requests", type=int, default=400, help="requests per measurement at 32 clients")
+    args = parser.parse_args()
+
+    stack = Stack()
+    try:
+        stub_port = free_port()
+        stack.start([sys.executable, str(REPO / "bench/stub_engine.py"), "--port", str(stub_port),
+                     "--tokens", "16", "--token-delay-ms", "2"], f"http://127.0.0.1:{stub_port}/health")
+        stack.serving("stub-model", stub_port)
+        hub = stack.start_hub()
+        key = stack.api_key()
+        direct = f"http://127.0.0.1:{stub_port}"
+        targets = {"direct": (direct, None), "porten": (hub, key)}
+        litellm = start_litellm(stack, args.litellm, direct, "stub-model")
+        if litellm:
+            targets["litellm"] = (litellm, LITELLM_KEY)  # both proxies check a key
+        print("Stub engine: 16 tokens, 2 ms apart (about 32 ms per answer); 2-core machine, client, hub and "
+              "engine share it.")
+        plan = [(False, 1, 200), (False, 32, args.requests), (True, 1, 200), (True, 32, args.requests)]
+        run_table("stub engine", targets, "stub-model", plan, max_tokens=16)
+
+        if args.llama:
+            sys.path.insert(0, str(REPO))
+            from fleet.engines import engine_for
+            from fleet.engines.base import EngineLaunch
+            from fleet.engines.process import start_engine, stop_engine, wait_until_healthy
+            from tests.support.small_model import gemma_gguf_path
+
+            engine = engine_for("llamacpp")
+            launch = EngineLaunch(instance_id=0, node_name="bench", served_model_name="gemma-3-270m",
+                                  model_path=gemma_gguf_path(), context_length=512, port=free_port(),
+                                  chat_format="gemma")
+            proc = start_engine(engine, launch, log_path=stack.workdir / "llama.log")
+            try:
+                wait_until_healthy(engine, launch, proc, timeout_s=120)
+                stack.serving("gemma-3-270m", launch.port)
+                llama_targets = {"direct": (f"http://127.0.0.1:{launch.port}", None), "porten": (hub, key)}
+                print("\nllama.cpp (llama-cpp-python server), Gemma 3 270M on the CPU, 8 tokens per answer:")
+                run_table("llama.cpp", llama_targets, "gemma-3-270m",
+                          [(False, 1, 30), (False, 4, 30), (True, 1, 30), (True, 4, 30)], max_tokens=8)
+            finally:
+                stop_engine(proc.pid)
+    finally:
+        stack.close()
+
+
+if __name__ == "__main__":
+    os.chdir(REPO)
+    main()

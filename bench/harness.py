@@ -1,0 +1,166 @@
+"""Shared set-up for benchmarks: a private Redis, database and daphne hub, and load generators."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+class Stack:
+    """Redis + a migrated SQLite database + (on demand) a daphne hub, all private to one bench run."""
+
+    def __init__(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="porten-bench-"))
+        self.procs: list[subprocess.Popen] = []
+        redis_port = free_port()
+        self.procs.append(subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", PORTEN_VAR_DIR=str(self.workdir),
+                        DJANGO_SETTINGS_MODULE="porten.settings", PORTEN_LOG_LEVEL="WARNING")
+        os.environ.update(self.env)
+        time.sleep(0.3)
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0)
+
+    def start_hub(self) -> str:
+        port = free_port()
+        log = open(self.workdir / "daphne.log", "ab")
+        self.hub = subprocess.Popen([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+                                     "porten.asgi:application"], cwd=REPO, env=self.env, stdout=log, stderr=log)
+        self.procs.append(self.hub)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/healthz")
+        return url
+
+    def start(self, argv: list[str], health_url: str, **env: str) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, cwd=REPO, env={**self.env, **env}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        wait_http(health_url, timeout_s=120)
+        return proc
+
+    def serving(self, model_id: str, port: int, *, vram_mb: int = 1024) -> None:
+        """A catalog model with a ready instance on `port`, as if a node had loaded it there."""
+        from django.utils import timezone
+
+        from catalog.models import CatalogModel
+        from fleet.models import Instance, Node
+
+        node, _ = Node.objects.get_or_create(name="bench-node", defaults={
+            "gpus": [{"index": 0, "name": "cpu", "total_mb": 1_000_000, "free_mb": 1_000_000}]})
+        Node.objects.filter(pk=node.pk).update(last_heartbeat_at=timezone.now())
+        model, _ = CatalogModel.objects.get_or_create(model_id=model_id, defaults=dict(
+            display_name=model_id, hf_repo=f"bench/{model_id}", weight_format="gguf", engine="llamacpp",
+            context_length=4096, vram_mb=vram_mb, disk_mb=100))
+        Instance.objects.create(model=model, node=node, phase="ready", port=port, vram_mb=vram_mb,
+                                ready_at=timezone.now())
+
+    def api_key(self) -> str:
+        from porten.keys import api_key_create
+
+        return api_key_create(name="bench")[1]
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@dataclass
+class Sample:
+    latencies_s: list[float] = field(default_factory=list)
+    ttft_s: list[float] = field(default_factory=list)
+    errors: int = 0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+async def load(url: str, *, model: str, concurrency: int, requests: int, stream: bool, api_key: str | None,
+               max_tokens: int = 16, path: str = "/v1/chat/completions") -> Sample:
+    """`concurrency` clients, each sending requests back to back until `requests` are done."""
+    sample = Sample()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": max_tokens,
+            "stream": stream}
+    remaining = [requests]
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        async def worker():
+            while remaining[0] > 0:
+                remaining[0] -= 1
+                started = time.perf_counter()
+                try:
+                    if stream:
+                        async with client.stream("POST", url + path, json=body, headers=headers) as response:
+                            first = None
+                            async for chunk in response.aiter_raw():
+                                if first is None and chunk:
+                                    first = time.perf_counter()
+                            if response.status_code != 200:
+                                sample.errors += 1
+                                continue
+                        sample.ttft_s.append((first or time.perf_counter()) - started)
+                    else:
+                        response = await client.post(url + path, json=body, headers=headers)
+                        if response.status_code != 200:
+                            sample.errors += 1
+                            continue
+                except httpx.HTTPError:
+                    sample.errors += 1
+                    continue
+                sample.latencies_s.append(time.perf_counter() - started)
+
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+    return sample
+
+
+def summary(sample: Sample) -> dict:
+    return {
+        "n": len(sample.latencies_s), "errors": sample.errors,
+        "p50_ms": pct(sample.latencies_s, 50) * 1000, "p99_ms": pct(sample.latencies_s, 99) * 1000,
+        "ttft_p50_ms": pct(sample.ttft_s, 50) * 1000 if sample.ttft_s else None,
+        "mean_ms": statistics.fmean(sample.latencies_s) * 1000 if sample.latencies_s else float("nan"),
+    }
