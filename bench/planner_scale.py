@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -36,6 +37,7 @@ from fleet.planner import (  # noqa: E402
     ModelSpec,
     NodeState,
     NoPlacement,
+    Placement,
     place,
 )
 
@@ -220,15 +222,15 @@ def shortlist_quality(
     )
 
 
-def cover_cost(placement, demand: Demand) -> tuple[float, int, int]:
+def cover_cost(placement: Placement, demand: Demand) -> tuple[float, int, int]:
     cost = sum(demand.of(v.model_id) * v.reload_s for v in placement.evict)
     freed = sum(v.vram_mb for v in placement.evict)
     return (round(cost / freed, 9), len(placement.evict), freed)
 
 
-def timed(call):
-    """(result, CPU ms of this process, wall ms): CPU time is what place() costs; wall time
-    also counts whatever else the machine was running (a shared 2-core box here)."""
+def timed(call: Callable[[], Placement | NoPlacement]) -> tuple[Placement | NoPlacement, float]:
+    """(result, CPU ms of this process); wall ms go to WALL_MS. CPU time is what place() costs,
+    wall time also counts whatever else the machine was running (a shared 2-core box here)."""
     wall = time.perf_counter()
     cpu = time.process_time()
     result = call()

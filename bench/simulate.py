@@ -174,7 +174,6 @@ class Stats:
     idle_unloads: int = 0
     evictions: int = 0
     prefetches: int = 0
-    busy_retries: int = 0
     waits: list[float] = field(default_factory=list)
 
 
@@ -292,7 +291,6 @@ class PortenPolicy(Policy):
         result = place(spec, self.fleet.snapshot(now), demand, now_s=now,
                        min_residency_s=MIN_RESIDENCY_S)
         if not isinstance(result, Placement):
-            self.stats.busy_retries += 1
             return False
         for victim in result.evict:
             self.fleet.remove(victim.model_id)
@@ -345,7 +343,6 @@ class LruPolicy(Policy):
             return True
         plan = self._lru_plan(model_id, now)
         if plan is None:
-            self.stats.busy_retries += 1
             return False
         node, gpus, victims = plan
         for victim in victims:
@@ -354,7 +351,7 @@ class LruPolicy(Policy):
         self.fleet.start(model_id, node, gpus, now, self.stats)
         return True
 
-    def _lru_plan(self, model_id: str, now: float):
+    def _lru_plan(self, model_id: str, now: float) -> tuple[int, tuple[int, ...], list[Instance]] | None:
         vram = self.fleet.entries[model_id].spec.vram_mb
         best = None
         for node_state in self.fleet.snapshot(now):
@@ -396,7 +393,9 @@ class LruTtlPolicy(LruPolicy):
     ttl_s = LRU_TTL_S
 
 
-def simulate(policy_cls: type[Policy], trace: list[tuple[float, str]], entries) -> Stats:
+def simulate(
+    policy_cls: type[Policy], trace: list[tuple[float, str]], entries: dict[str, CatalogEntry]
+) -> Stats:
     stats = Stats()
     fleet = Fleet(entries)
     policy = policy_cls(fleet, stats)

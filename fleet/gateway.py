@@ -5,6 +5,7 @@ import asyncio
 import json
 import logging
 import math
+import random
 import time
 import weakref
 from dataclasses import dataclass
@@ -72,29 +73,51 @@ def _route_for(instance: Instance, *, cold: bool = False) -> Route:
     return Route(instance.pk, f"http://{instance.node.address}:{instance.port}", cold=cold, load_seconds=load_s)
 
 
-async def ready_route(model: CatalogModel, *, use_cache: bool = True) -> Route | None:
-    now = time.monotonic()
-    if use_cache:
+_route_locks: dict[str, asyncio.Lock] = {}
+
+
+async def ready_route(model: CatalogModel, *, use_cache: bool = True, max_age_s: float = ROUTE_TTL_S) -> Route | None:
+    """The ready engine for this model, from a per-process cache refreshed by one coroutine at a
+    time: when it expires under load, one query refreshes it and everyone else reuses the answer."""
+    cached = _routes.get(model.model_id)
+    if use_cache and cached and time.monotonic() - cached[0] < max_age_s:
+        return cached[1]
+    lock = _route_locks.setdefault(model.model_id, asyncio.Lock())
+    asked_at = time.monotonic()
+    async with lock:
         cached = _routes.get(model.model_id)
-        if cached and now - cached[0] < ROUTE_TTL_S:
-            return cached[1]
-    instance = await Instance.objects.filter(model=model, phase=Phase.READY).select_related("node").afirst()
-    if instance is None:
-        _routes.pop(model.model_id, None)
-        return None
-    route = _route_for(instance)
-    _routes[model.model_id] = (now, route)
-    return route
+        if cached and cached[0] >= asked_at:
+            return cached[1]  # refreshed by someone else while we queued
+        instance = await Instance.objects.filter(model=model, phase=Phase.READY).select_related("node").afirst()
+        route = _route_for(instance) if instance is not None else None
+        _routes[model.model_id] = (time.monotonic(), route)
+        return route
 
 
 def forget_route(model_id: str) -> None:
     _routes.pop(model_id, None)
+    _active_cache.pop(model_id, None)
 
 
 # --- warming ----------------------------------------------------------------------------------
 
-async def _active(model: CatalogModel) -> Instance | None:
-    return await Instance.objects.filter(model=model, phase__in=ACTIVE_PHASES).select_related("node").afirst()
+_active_cache: dict[str, tuple[float, Instance | None]] = {}
+
+
+async def _active(model: CatalogModel, max_age_s: float = 0.2) -> Instance | None:
+    """The model's live instance; like ready_route, one query serves every waiter that asks at once."""
+    cached = _active_cache.get(model.model_id)
+    if cached and time.monotonic() - cached[0] < max_age_s:
+        return cached[1]
+    lock = _route_locks.setdefault("active:" + model.model_id, asyncio.Lock())
+    asked_at = time.monotonic()
+    async with lock:
+        cached = _active_cache.get(model.model_id)
+        if cached and cached[0] >= asked_at:
+            return cached[1]
+        instance = await Instance.objects.filter(model=model, phase__in=ACTIVE_PHASES).select_related("node").afirst()
+        _active_cache[model.model_id] = (time.monotonic(), instance)
+        return instance
 
 
 def retry_after_s(instance: Instance | None, state: dict | None, past_load_s: float | None) -> int:
@@ -164,12 +187,15 @@ async def warm_route(model: CatalogModel, *, budget_s: float) -> Route:
                 type="server_error", code="model_warming", headers={"Retry-After": str(retry)},
                 warming={k: state[k] for k in ("model", "ready", "phase", "done_mb", "total_mb", "pct")},
             ))
-        await events.wait(model.model_id, future, timeout_s=min(remaining, BUSY_RETRY_S if busy else 10.0))
+        # Jitter the fallback re-read so a thousand waiters never poll in lockstep.
+        fallback_s = BUSY_RETRY_S if busy else random.uniform(10.0, 20.0)
+        await events.wait(model.model_id, future, timeout_s=min(remaining, fallback_s))
 
 
 async def _warm_step(model: CatalogModel, watched: Instance | None) -> Route | Instance | PlacementError:
     """One look at the truth: a ready route, or the live instance to keep waiting on."""
-    route = await ready_route(model, use_cache=False)
+    # Shared by every waiter in this process: a wake-up of a thousand waiters costs one query.
+    route = await ready_route(model, max_age_s=0.2)
     if route is not None:
         instance = await Instance.objects.select_related("node").aget(pk=route.instance_id)
         return _route_for(instance, cold=True)
@@ -185,6 +211,7 @@ async def _warm_step(model: CatalogModel, watched: Instance | None) -> Route | I
     if active is None:
         try:
             active = await sync_to_async(instance_ensure, thread_sensitive=False)(model=model)
+            _active_cache[model.model_id] = (time.monotonic(), active)
         except PlacementError as exc:
             if exc.code == "no_capacity":
                 raise WarmupFailed(error_response(503, exc.reason, type="server_error", code=exc.code))

@@ -60,6 +60,14 @@ class WarmingConsumer(AsyncJsonWebsocketConsumer):
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
+    @classmethod
+    async def decode_json(cls, text_data):
+        # A page may send only {"type": "refresh"}; anything unreadable is ignored, not fatal.
+        try:
+            return await super().decode_json(text_data)
+        except ValueError:
+            return None
+
     async def receive_json(self, content, **kwargs) -> None:
         # The page asks again when it suspects it missed something (a tab woken from sleep).
         if isinstance(content, dict) and content.get("type") == "refresh" and self.group is not None:

@@ -36,6 +36,8 @@ async def playground(request) -> HttpResponse:
         }
         for model in models
     ]
+    for entry in catalog:
+        entry["badge"] = picker_badge(entry["state"])
     config = {
         "catalog": catalog,
         "prewarmOnPick": settings.PORTEN_PREWARM_ON_PICK,
@@ -53,6 +55,16 @@ async def playground(request) -> HttpResponse:
         "catalog": catalog, "config": config, "username": user.get_username(),
         "prewarm_on_pick": settings.PORTEN_PREWARM_ON_PICK,
     })
+
+
+def picker_badge(state: dict) -> dict:
+    """The picker's label for a model's state (static/playground/app.js stateLabel says the same)."""
+    phase = state["phase"]
+    if phase == "downloading":
+        return {"text": f"warming {int(state['pct'])}%", "kind": "warming"}
+    text, kind = {"ready": ("ready", "ready"), "queued": ("warming", "warming"), "loading": ("loading", "warming"),
+                  "failed": ("failed", "failed")}.get(phase, ("cold", "cold"))
+    return {"text": text, "kind": kind}
 
 
 async def model_prewarm(model: CatalogModel) -> None:

@@ -98,4 +98,5 @@ def _fresh_process_caches():
     selectors._offered_cache.clear()
     auth._key_cache.clear()
     gateway._routes.clear()
+    gateway._active_cache.clear()
     yield

@@ -81,8 +81,14 @@
     return `${Math.floor(seconds / 3600)} h ${Math.round((seconds % 3600) / 60)} min`;
   }
 
+  function csrfToken() {
+    // The cookie is the freshest copy (signing in again in another tab rotates it).
+    const match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
+    return match ? decodeURIComponent(match[1]) : config.csrfToken;
+  }
+
   function jsonHeaders() {
-    return { "Content-Type": "application/json", "X-CSRFToken": config.csrfToken };
+    return { "Content-Type": "application/json", "X-CSRFToken": csrfToken() };
   }
 
   class ApiError extends Error {

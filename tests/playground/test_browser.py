@@ -254,3 +254,39 @@ def test_errors_read_as_words_with_their_code_and_a_failed_load_offers_retry(bro
     page.wait_for_function(f"() => ({instance_of})() !== {failed_instance}", timeout=10_000)
     page.wait_for_function("() => document.getElementById('warming').dataset.phase === 'failed'", timeout=90_000)
     assert page.evaluate(instance_of) != failed_instance
+
+
+def test_without_the_websocket_the_bar_still_moves_by_polling(browser_for, node_worker, hf):
+    get_user_model().objects.create_superuser("barbara", "b@example.com", PASSWORD)
+    offered("gemma-poll", display_name="Gemma (no socket)", context_length=512)
+    hf.throttle_bytes_per_s = 40_000_000
+    browser = browser_for("polling")
+    page = browser.page
+    # Every warming socket is cut as soon as it opens: pushes are best effort.
+    page.route_web_socket(re.compile(r".*/ws/warming/.*"), lambda ws: ws.close(code=1011, reason="gone"))
+    polls: list[str] = []
+    page.on("request", lambda r: polls.append(r.url) if "/public/v1/models/warming" in r.url else None)
+    browser.sign_in("barbara")
+    page.wait_for_selector('.model-item[data-model-id="gemma-poll"]')
+    page.click('.model-item[data-model-id="gemma-poll"]')
+    page.fill("#max-tokens", "16")
+    page.fill("#prompt", "Hello there.")
+    page.click("#send")
+
+    seen_pct: list[float] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and page.query_selector(".message.assistant.done") is None:
+        bar = browser.bar()
+        if not bar["hidden"] and bar["phase"] == "downloading" and bar["pct"]:
+            pct = float(bar["pct"])
+            if not seen_pct or pct != seen_pct[-1]:
+                seen_pct.append(pct)
+                if len(seen_pct) == 3:
+                    browser.shot("1-downloading-by-polling")
+        time.sleep(0.15)
+    assert len(seen_pct) >= 3, f"the bar kept moving without the socket: {seen_pct}"
+    assert seen_pct == sorted(seen_pct), seen_pct
+    assert any("model=gemma-poll" in url for url in polls)
+    page.wait_for_selector(".message.assistant.done", timeout=60_000)
+    assert page.inner_text(".message.assistant .body").strip()
+    assert browser.bar()["hidden"]

@@ -57,6 +57,7 @@ def test_the_page_lists_the_offered_catalog_with_states(signed_in):
     html = response.content.decode()
     assert "Small one" in html and 'data-model-id="pg-small"' in html
     assert "pg-hidden" not in html, "a disabled model is not offered"
+    assert '<span class="badge badge-cold">cold</span>' in html
     assert "/static/playground/app.js" in html and "/static/playground/app.css" in html
     config = json.loads(html.split('<script id="playground-config" type="application/json">')[1].split("</script>")[0])
     [entry] = [m for m in config["catalog"] if m["id"] == "pg-small"]
@@ -83,6 +84,7 @@ def test_the_page_shows_a_failed_load(signed_in):
     [entry] = [m for m in config["catalog"] if m["id"] == "pg-failed"]
     assert entry["state"]["phase"] == "failed"
     assert entry["state"]["error"] == "out of memory"
+    assert '<span class="badge badge-failed">failed</span>' in html
 
 
 def test_prewarm_needs_a_session(client):
