@@ -160,6 +160,7 @@ async def warm_route(model: CatalogModel, *, budget_s: float) -> Route:
     deadline = time.monotonic() + budget_s
     events = model_events()
     watched: Instance | None = None
+    aged_at = time.monotonic()
     while True:
         future = await events.watch(model.model_id)
         try:
@@ -172,6 +173,11 @@ async def warm_route(model: CatalogModel, *, budget_s: float) -> Route:
             return active
         busy = active if isinstance(active, PlacementError) else None
         watched = None if busy else active
+        if busy is not None and time.monotonic() - aged_at >= settings.PORTEN_BUSY_AGING_S:
+            # Aging: a request kept waiting for room counts once more per interval, so a model
+            # refused as busy wins its place in bounded time instead of starving behind busier ones.
+            aged_at = time.monotonic()
+            await record_demand(model.model_id, served=False)
         remaining = deadline - time.monotonic()
         if remaining <= 0 and busy is not None:
             events.discard(model.model_id, future)

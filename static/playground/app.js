@@ -8,7 +8,7 @@
   const WARMING = new Set(["queued", "downloading", "loading"]);
   // Within one load, states only move forward; an older one (a poll crossing a push) is dropped.
   const PHASE_RANK = { queued: 1, downloading: 2, loading: 3, ready: 4, failed: 5, idle: 5 };
-  const STALE_MS = 2000;         // no news for this long while warming: ask the server
+  const STALE_MS = 2000;         // no push for this long while warming: ask the server (half that with no socket)
   const OTHERS_POLL_MS = 3000;   // warming models other than the picked one
   const CATALOG_POLL_MS = 20000;
   const MAX_RETRY_WAIT_S = 5;
@@ -379,7 +379,9 @@
     const selectedState = app.selected ? app.states.get(app.selected) : null;
     const moving = selectedState && WARMING.has(selectedState.phase);
     // Pushes are best effort: a bar never stays frozen while the load moves on.
-    if (app.selected && (moving || app.waiting) && now - app.lastUpdateAt > STALE_MS) pollState(app.selected);
+    const socketUp = app.socket && app.socket.readyState === WebSocket.OPEN;
+    const staleMs = socketUp ? STALE_MS : STALE_MS / 2;
+    if (app.selected && (moving || app.waiting) && now - app.lastUpdateAt > staleMs) pollState(app.selected);
     if (now - app.othersPolledAt > OTHERS_POLL_MS) {
       app.othersPolledAt = now;
       for (const [modelId, state] of app.states) {
@@ -471,14 +473,14 @@
     } else if (phase === "downloading") {
       const done = state.bytes_done || 0;
       const total = state.bytes_total || 0;
-      if (!total) {
+      if (total) {
+        const parts = [`Downloading ${formatSize(done)} of ${formatSize(total)}`, `${Number(state.pct || 0).toFixed(1)}%`];
+        if (state.rate_mbps > 0) parts.push(`${state.rate_mbps >= 10 ? Math.round(state.rate_mbps) : state.rate_mbps} MB/s`);
+        if (state.eta_s != null) parts.push(`~${formatEta(state.eta_s)} left`);
+        show(parts.join(" · "), state.pct || 0, "downloading");
+      } else {
         show("Starting the download…", null, "downloading");
-        return;
       }
-      const parts = [`Downloading ${formatSize(done)} of ${formatSize(total)}`, `${Number(state.pct || 0).toFixed(1)}%`];
-      if (state.rate_mbps > 0) parts.push(`${state.rate_mbps >= 10 ? Math.round(state.rate_mbps) : state.rate_mbps} MB/s`);
-      if (state.eta_s != null) parts.push(`~${formatEta(state.eta_s)} left`);
-      show(parts.join(" · "), state.pct || 0, "downloading");
     } else if (phase === "loading") {
       show("Loading into memory…", null, "loading");
     } else if (app.waiting && app.barShownForRequest) {
@@ -565,6 +567,14 @@
     }
   }
 
+  function markReady(modelId) {
+    // An answer means a ready engine, whatever the last push or poll said.
+    const state = app.states.get(modelId);
+    if (state && state.phase === "ready") return;
+    applyState({ ...(state || {}), model: modelId, phase: "ready", ready: true, pct: 100, error: "",
+      instance: state ? state.instance : null });
+  }
+
   async function send(text) {
     const modelId = app.selected;
     if (!modelId) {
@@ -621,6 +631,7 @@
           body: JSON.stringify(settingsBody(modelId)),
         });
         if (response.ok) {
+          markReady(modelId);
           await readStream(response, onToken);
           break;
         }

@@ -89,6 +89,24 @@ def test_a_higher_demand_model_is_not_evicted(live_hub, api_key, node_worker_fac
     assert not Instance.objects.filter(model__model_id="rare").exists()
 
 
+def test_a_waiting_request_ages_until_it_wins_room(live_hub, api_key, node_worker_factory, hf):
+    node_worker_factory(PORTEN_NODE_MEMORY_MB="1500", PORTEN_DRAIN_DEADLINE_S="5")
+    offered("busy-model")
+    offered("patient-model", repo=MULTI_REPO)
+    headers = {"Authorization": f"Bearer {api_key}"}
+    url = live_hub.url + "/v1/chat/completions"
+    for _ in range(3):
+        assert httpx.post(url, headers=headers, timeout=120,
+                          json={"model": "busy-model", "messages": HELLO, "max_tokens": 1}).status_code == 200
+    started = time.monotonic()
+    response = httpx.post(url, headers={**headers, "X-Porten-Warmup-Budget": "90"}, timeout=120,
+                          json={"model": "patient-model", "messages": HELLO, "max_tokens": 1})
+    waited = time.monotonic() - started
+    assert response.status_code == 200, response.text
+    assert waited > 4, "it had to age past the busier model's demand first"
+    assert Instance.objects.get(model__model_id="busy-model").phase == Phase.STOPPED
+
+
 def test_idle_model_unloads_keeps_files_and_reloads_without_download(live_hub, api_key, node_worker_factory, hf):
     from fleet.tasks import unload_idle_instances
 

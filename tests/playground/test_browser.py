@@ -256,7 +256,7 @@ def test_errors_read_as_words_with_their_code_and_a_failed_load_offers_retry(bro
     assert page.evaluate(instance_of) != failed_instance
 
 
-def test_without_the_websocket_the_bar_still_moves_by_polling(browser_for, node_worker, hf):
+def test_without_the_websocket_the_bar_still_moves_by_polling_and_model_warming_is_retried(browser_for, node_worker, hf):
     get_user_model().objects.create_superuser("barbara", "b@example.com", PASSWORD)
     offered("gemma-poll", display_name="Gemma (no socket)", context_length=512)
     hf.throttle_bytes_per_s = 40_000_000
@@ -266,6 +266,19 @@ def test_without_the_websocket_the_bar_still_moves_by_polling(browser_for, node_
     page.route_web_socket(re.compile(r".*/ws/warming/.*"), lambda ws: ws.close(code=1011, reason="gone"))
     polls: list[str] = []
     page.on("request", lambda r: polls.append(r.url) if "/public/v1/models/warming" in r.url else None)
+    # The first chat request gets what a gateway with a short budget answers: the page retries by itself.
+    chat_calls: list[str] = []
+
+    def budget_ran_out_once(route) -> None:
+        chat_calls.append(route.request.headers.get("x-porten-warmup-budget", ""))
+        if len(chat_calls) == 1:
+            route.fulfill(status=503, headers={"Retry-After": "1", "Content-Type": "application/json"}, body=(
+                '{"error": {"message": "gemma-poll is warming up (downloading, 3.0%); retry in about 9 s.",'
+                ' "type": "server_error", "code": "model_warming", "param": null}}'))
+        else:
+            route.continue_()
+
+    page.route("**/v1/chat/completions", budget_ran_out_once)
     browser.sign_in("barbara")
     page.wait_for_selector('.model-item[data-model-id="gemma-poll"]')
     page.click('.model-item[data-model-id="gemma-poll"]')
@@ -290,3 +303,5 @@ def test_without_the_websocket_the_bar_still_moves_by_polling(browser_for, node_
     page.wait_for_selector(".message.assistant.done", timeout=60_000)
     assert page.inner_text(".message.assistant .body").strip()
     assert browser.bar()["hidden"]
+    assert len(chat_calls) == 2 and set(chat_calls) == {"1800"}, chat_calls
+    assert page.query_selector(".message .error") is None
