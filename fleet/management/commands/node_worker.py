@@ -28,7 +28,7 @@ class Command(BaseCommand):
         # Threads, not processes: engines are children of the agent, and loads mostly wait on I/O.
         argv = [celery, "-A", "porten", "worker", "-Q", ",".join(queues), "-n", f"{name}@%h",
                 "--pool", "threads", "--concurrency", str(concurrency), "--loglevel", loglevel,
-                "--without-gossip", "--without-mingle"]
+                "--without-gossip", "--without-mingle", "-E"]  # -E: task events for Flower
         self.stdout.write(f"porten: node {name} worker on {', '.join(queues)}")
         self.stdout.flush()
         os.execv(celery, argv)
