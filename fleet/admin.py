@@ -10,7 +10,7 @@ from .services import instance_enqueue_unload
 
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
-    list_display = ["name", "hostname", "has_gpu", "devices", "memory", "disk_free", "last_heartbeat_at"]
+    list_display = ["name", "hostname", "has_gpu", "devices", "memory", "disk_free", "running", "last_heartbeat_at"]
     readonly_fields = [f.name for f in Node._meta.fields]
     search_fields = ["name", "hostname"]
 
@@ -22,6 +22,10 @@ class NodeAdmin(admin.ModelAdmin):
     def memory(self, node: Node) -> str:
         return f"{readable_mb(node.memory_free_mb)} / {readable_mb(node.memory_total_mb)}"
 
+    @admin.display(description="engines")
+    def running(self, node: Node) -> int:
+        return len(node.engines or [])
+
     @admin.display(description="disk free")
     def disk_free(self, node: Node) -> str:
         return readable_mb(node.disk_free_mb)
@@ -29,7 +33,8 @@ class NodeAdmin(admin.ModelAdmin):
 
 @admin.register(Instance)
 class InstanceAdmin(admin.ModelAdmin):
-    list_display = ["model", "node", "phase", "progress", "port", "pid", "load_seconds", "ready_at", "short_error"]
+    list_display = ["model", "node", "phase", "progress", "port", "pid", "load_seconds", "ready_at", "short_error",
+                    "placement_reason"]
     list_filter = ["phase", "node"]
     search_fields = ["model__model_id", "node__name", "last_error"]
     readonly_fields = [f.name for f in Instance._meta.fields]

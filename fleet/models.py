@@ -17,6 +17,8 @@ class Node(models.Model):
     disk_free_mb = models.PositiveBigIntegerField(default=0)
     model_dir = models.CharField(max_length=500, blank=True)
     models_on_disk = models.JSONField(default=list, blank=True)
+    # What the agent saw running at its last heartbeat: [{"instance", "pid"}].
+    engines = models.JSONField(default=list, blank=True)
     agent_started_at = models.DateTimeField(null=True, blank=True)
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
 

@@ -85,9 +85,10 @@ def node_heartbeat(*, name: str) -> Node:
     node = Node.objects.get(name=name)
     has_gpu, gpus = node_devices(node=node)
     store = model_store()
+    engines = [{"instance": i, "pid": pid} for i, pid in sorted(find_engine_processes(name).items())]
     Node.objects.filter(pk=node.pk).update(
         has_gpu=has_gpu, gpus=gpus, disk_free_mb=store.disk_free_mb(), models_on_disk=store.models_on_disk(),
-        last_heartbeat_at=timezone.now(),
+        engines=engines, last_heartbeat_at=timezone.now(),
     )
     node.refresh_from_db()
     return node

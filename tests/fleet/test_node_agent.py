@@ -69,6 +69,11 @@ def test_load_download_progress_ready_chat_unload_reload(node_worker, hf, event_
     assert again.downloaded is False
     assert hf.get_count(GGUF_NAME) == 0, "the second load does not download again"
     assert chat(again).strip()
+    deadline = time.monotonic() + 10
+    while Node.objects.get(pk=node.pk).engines != [{"instance": again.pk, "pid": again.pid}]:
+        assert time.monotonic() < deadline, "the heartbeat reports the running engine"
+        time.sleep(0.2)
+    assert "gemma-test" in Node.objects.get(pk=node.pk).models_on_disk
 
 
 def test_repeated_load_task_downloads_and_starts_once(node_worker, hf):
