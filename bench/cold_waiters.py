@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import time
 
@@ -78,8 +77,6 @@ def main() -> None:
             waiting = asyncio.create_task(waiters(hub, key, args.waiters, ready, stop))
             await ready.wait()
             # Let every waiter reach the hub and start waiting.
-            from fleet.models import Instance
-
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 await asyncio.sleep(1.0)

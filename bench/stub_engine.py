@@ -91,8 +91,4 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--token-delay-ms", type=float, default=2.0)
     args = parser.parse_args()
-    try:
-        import uvloop  # noqa: F401  (not required; the stub is fast enough on asyncio)
-    except ImportError:
-        pass
     asyncio.run(serve(args.port, args.tokens, args.token_delay_ms / 1000))

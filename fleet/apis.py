@@ -6,11 +6,10 @@ import json
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse, JsonResponse
-from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
 from catalog.selectors import offered_model_aget
-from porten.auth import authenticate_async
+from porten.auth import authenticate_async, csrf_failure
 from porten.errors import error_response, invalid_request, model_not_found, unauthorized
 
 from .gateway import WarmupFailed, proxy, ready_route, record_demand, warm_route
@@ -18,14 +17,6 @@ from .selectors import model_warming_state
 from .validation import BadRequest, validate_chat, validate_common, validate_completion, validate_limits
 
 BUDGET_HEADER = "HTTP_X_PORTEN_WARMUP_BUDGET"
-
-
-def _csrf_failure(request) -> HttpResponse | None:
-    response = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
-    if response is None:
-        return None
-    return error_response(403, "CSRF check failed for a signed-in session; send the X-CSRFToken header.",
-                          type="invalid_request_error", code="csrf_failed")
 
 
 def _budget(request) -> float:
@@ -45,7 +36,7 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
     caller, via_session = await authenticate_async(request)
     if caller is None:
         return unauthorized()
-    if via_session and (failure := _csrf_failure(request)) is not None:
+    if via_session and (failure := csrf_failure(request)) is not None:
         return failure
     try:
         content_length = int(request.META.get("CONTENT_LENGTH") or 0)

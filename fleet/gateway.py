@@ -304,6 +304,17 @@ async def proxy(route: Route, *, path: str, body: dict, model_id: str, count_ser
     return response
 
 
+async def model_prewarm(model: CatalogModel) -> None:
+    """Start loading a model someone picked in the playground, so the load overlaps with their
+    typing. A pick counts as unmet demand, like a cold request. Raises PlacementError when the
+    fleet cannot take it."""
+    if await _active(model, max_age_s=0) is not None:
+        return
+    await record_demand(model.model_id, served=False)
+    active = await sync_to_async(instance_ensure, thread_sensitive=False)(model=model)
+    _active_cache[model.model_id] = (time.monotonic(), active)
+
+
 async def record_demand(model_id: str, *, served: bool) -> None:
     try:
         await demand_record(model_id, served=served)

@@ -99,3 +99,14 @@ async def _cached_api_key(raw_key: str):
     else:
         _key_cache.pop(digest, None)
     return api_key
+
+
+def csrf_failure(request, message: str = "CSRF check failed for a signed-in session; send the X-CSRFToken header."):
+    """For views that take a session: an OpenAI-shaped 403 when the CSRF check fails, else None."""
+    from django.middleware.csrf import CsrfViewMiddleware
+
+    from .errors import error_response
+
+    if CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {}) is None:
+        return None
+    return error_response(403, message, type="invalid_request_error", code="csrf_failed")

@@ -27,7 +27,7 @@ def offered(model_id: str, repo: str = GEMMA_REPO, **fields) -> CatalogModel:
 
 def test_requested_model_evicts_a_lower_demand_one_whose_stream_finishes_intact(
         live_hub, api_key, node_worker_factory, hf):
-    worker = node_worker_factory(PORTEN_NODE_MEMORY_MB="1500", PORTEN_DRAIN_DEADLINE_S="60")
+    node_worker_factory(PORTEN_NODE_MEMORY_MB="1500", PORTEN_DRAIN_DEADLINE_S="60")
     offered("first-model")
     offered("second-model", repo=MULTI_REPO)
     headers = {"Authorization": f"Bearer {api_key}"}

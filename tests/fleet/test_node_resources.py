@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from django.test import override_settings
 
-from fleet.models import Instance, Node, Phase
+from fleet.models import Instance, Phase
 from fleet.nvml import GpuReading, NvmlReader, set_gpu_reader
 from fleet.services import node_devices, node_heartbeat, node_register
 from fleet.store import ModelStore, WeightsSource
