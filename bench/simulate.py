@@ -23,6 +23,8 @@ Policies:
   disk preferred). A request place() cannot serve yet ("busy") waits, is retried every 10 s, and
   counts as one more request per 10 s waited (aging), as the gateway does.
 - porten-strict: the same without aging (a busy request's demand never grows).
+- porten-prefetch: as shipped, plus free memory prefilled with the most requested absent models of
+  the last hour (an experiment, not built into the hub).
 - porten+: same planner, three refinements that use only what the hub knows online:
   idle models stay loaded until their memory is wanted (idle means demand 0, so place()
   evicts them first and for free); free memory is prefetched with the most requested absent
@@ -332,6 +334,11 @@ class PortenStrictPolicy(PortenPolicy):
     aging_s = 0.0
 
 
+class PortenPrefetchPolicy(PortenPolicy):
+    name = "porten-prefetch"
+    prefetch = True
+
+
 class PortenPlusPolicy(PortenPolicy):
     name = "porten+"
     eager_idle_unload = False
@@ -453,7 +460,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-POLICIES: tuple[type[Policy], ...] = (PortenPolicy, PortenStrictPolicy, PortenPlusPolicy, LruTtlPolicy, LruPolicy)
+POLICIES: tuple[type[Policy], ...] = (PortenPolicy, PortenStrictPolicy, PortenPrefetchPolicy, PortenPlusPolicy, LruTtlPolicy, LruPolicy)
 BASELINES = ("lru-ttl", "swap-lru")
 
 
@@ -499,7 +506,7 @@ def main() -> None:
         print(f"  {cls.name:<9} " + "  ".join(f"{w:>9,.0f}" for w in per_day[cls.name]))
     print()
     best = min(BASELINES, key=lambda n: totals[n].wait_s)
-    for name in ("porten", "porten-strict", "porten+"):
+    for name in ("porten", "porten-strict", "porten-prefetch", "porten+"):
         reduction = 1 - totals[name].wait_s / totals[best].wait_s
         daily = [
             1 - mine / min(per_day[b][d] for b in BASELINES) for d, mine in enumerate(per_day[name])
