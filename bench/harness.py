@@ -83,11 +83,32 @@ class Stack:
         node, _ = Node.objects.get_or_create(name="bench-node", defaults={
             "gpus": [{"index": 0, "name": "cpu", "total_mb": 1_000_000, "free_mb": 1_000_000}]})
         Node.objects.filter(pk=node.pk).update(last_heartbeat_at=timezone.now())
+        self._keep_heartbeat(node.pk)
         model, _ = CatalogModel.objects.get_or_create(model_id=model_id, defaults=dict(
             display_name=model_id, hf_repo=f"bench/{model_id}", weight_format="gguf", engine="llamacpp",
             context_length=4096, vram_mb=vram_mb, disk_mb=100))
         Instance.objects.create(model=model, node=node, phase="ready", port=port, vram_mb=vram_mb,
                                 ready_at=timezone.now())
+
+    def _keep_heartbeat(self, node_pk: int) -> None:
+        """No node agent runs in a benchmark: beat for it, or the hub takes the node for dead."""
+        if getattr(self, "_heartbeat", None):
+            return
+        import threading
+
+        from django.db import close_old_connections
+        from django.utils import timezone
+
+        from fleet.models import Node
+
+        def beat() -> None:
+            while True:
+                time.sleep(5)
+                Node.objects.filter(pk=node_pk).update(last_heartbeat_at=timezone.now())
+                close_old_connections()
+
+        self._heartbeat = threading.Thread(target=beat, daemon=True)
+        self._heartbeat.start()
 
     def api_key(self) -> str:
         from porten.keys import api_key_create

@@ -9,11 +9,13 @@ import random
 import time
 import weakref
 from dataclasses import dataclass
+from datetime import timedelta
 
 import httpx
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
+from django.utils import timezone
 
 from catalog.models import CatalogModel
 from porten.errors import error_response
@@ -23,7 +25,7 @@ from .events import model_events
 from .inflight import tally
 from .live import warming_state
 from .models import ACTIVE_PHASES, Instance, Phase
-from .placement import PlacementError, instance_ensure
+from .placement import PlacementError, instance_ensure, node_online, node_stale_s
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +90,10 @@ async def ready_route(model: CatalogModel, *, use_cache: bool = True, max_age_s:
         cached = _routes.get(model.model_id)
         if cached and cached[0] >= asked_at:
             return cached[1]  # refreshed by someone else while we queued
-        instance = await Instance.objects.filter(model=model, phase=Phase.READY).select_related("node").afirst()
+        instance = await Instance.objects.filter(
+            model=model, phase=Phase.READY,
+            node__last_heartbeat_at__gte=timezone.now() - timedelta(seconds=node_stale_s()),
+        ).select_related("node").afirst()
         route = _route_for(instance) if instance is not None else None
         _routes[model.model_id] = (time.monotonic(), route)
         return route
@@ -214,7 +219,7 @@ async def _warm_step(model: CatalogModel, watched: Instance | None) -> Route | I
                 503, f"Loading {model.model_id} failed: {first_line}",
                 type="server_error", code="model_load_failed", reason=ended.last_error[-2000:],
             ))
-    if active is None:
+    if active is None or not node_online(active.node):
         try:
             active = await sync_to_async(instance_ensure, thread_sensitive=False)(model=model)
             _active_cache[model.model_id] = (time.monotonic(), active)

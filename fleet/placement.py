@@ -46,9 +46,17 @@ def placement_lock(timeout_s: float = 30.0):
             pass
 
 
+def node_stale_s() -> float:
+    return max(3 * settings.PORTEN_HEARTBEAT_S, 30.0)
+
+
+def node_online(node: Node) -> bool:
+    return node.last_heartbeat_at is not None and (
+        timezone.now() - node.last_heartbeat_at).total_seconds() <= node_stale_s()
+
+
 def online_nodes() -> list[Node]:
-    stale_s = max(3 * settings.PORTEN_HEARTBEAT_S, 30.0)
-    return list(Node.objects.filter(last_heartbeat_at__gte=timezone.now() - timedelta(seconds=stale_s)))
+    return list(Node.objects.filter(last_heartbeat_at__gte=timezone.now() - timedelta(seconds=node_stale_s())))
 
 
 def node_state(node: Node, resident: list[Instance]) -> planner.NodeState:
@@ -94,7 +102,15 @@ def model_spec(model: CatalogModel) -> planner.ModelSpec:
 
 
 def active_instance(model: CatalogModel) -> Instance | None:
-    return Instance.objects.filter(model=model, phase__in=ACTIVE_PHASES).select_related("node", "model").first()
+    """The model's live instance. One on a node that stopped sending heartbeats is failed here, so
+    a dead machine does not hold its models hostage: the caller then places the model again."""
+    instance = Instance.objects.filter(model=model, phase__in=ACTIVE_PHASES).select_related("node", "model").first()
+    if instance is None or node_online(instance.node):
+        return instance
+    from .services import instance_fail_lost
+
+    instance_fail_lost(instance=instance, reason=f"node {instance.node.name} stopped sending heartbeats")
+    return None
 
 
 def instance_ensure(*, model: CatalogModel) -> Instance:

@@ -23,7 +23,7 @@ from .engines.process import (
     wait_until_healthy,
 )
 from .live import publish_state, warming_state
-from .models import RESIDENT_PHASES, Instance, Node, Phase
+from .models import ACTIVE_PHASES, RESIDENT_PHASES, Instance, Node, Phase
 from .nvml import gpu_reader
 from .store import ModelStore, StoreError, WeightsSource
 
@@ -276,6 +276,16 @@ def instance_fail(*, instance: Instance, reason: str) -> None:
         stop_engine(instance.pid)
     _set(instance, phase=Phase.FAILED, last_error=reason[-4000:], stopped_at=timezone.now())
     logger.warning("%s failed: %s", instance, reason.splitlines()[0] if reason else "")
+
+
+def instance_fail_lost(*, instance: Instance, reason: str) -> None:
+    """Fail an instance whose node is gone, without touching processes (they are on that node);
+    the node's agent stops any leftover engine when it comes back."""
+    if Instance.objects.filter(pk=instance.pk, phase__in=ACTIVE_PHASES).update(
+            phase=Phase.FAILED, last_error=reason, stopped_at=timezone.now(), updated_at=timezone.now()):
+        instance.phase, instance.last_error = Phase.FAILED, reason
+        instance_publish(instance)
+        logger.warning("%s failed: %s", instance, reason)
 
 
 # --- unloading --------------------------------------------------------------------------------
