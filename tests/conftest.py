@@ -101,3 +101,23 @@ def _fresh_process_caches():
     gateway._routes.clear()
     gateway._active_cache.clear()
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_engine_left_behind():
+    """Every engine a test node started is stopped by the end of the run."""
+    yield
+    import psutil
+
+    from fleet.engines.process import ENGINE_ENV_NODE, stop_engine
+
+    leftovers = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            node = proc.environ().get(ENGINE_ENV_NODE, "")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if node.startswith("test-") and proc.pid != os.getpid():
+            leftovers.append((proc.pid, node))
+            stop_engine(proc.pid, grace_s=2)
+    assert not leftovers, f"engine processes left behind by the tests: {leftovers}"
