@@ -23,6 +23,16 @@ BROKEN_REPO = "porten-test/not-a-model"  # a "GGUF" llama.cpp cannot open
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 
 
+def offered(model_id: str, repo: str = GEMMA_REPO, **fields):
+    """A fresh catalog entry served from the local endpoint's `repo` (the real Gemma GGUF)."""
+    from catalog.models import CatalogModel
+    from tests.factories import CatalogModelFactory
+
+    CatalogModel.objects.filter(model_id=model_id).delete()
+    fields.setdefault("hf_files", ["*.gguf", "*.bin"])
+    return CatalogModelFactory(model_id=model_id, hf_repo=repo, **fields)
+
+
 @pytest.fixture(scope="session")
 def gemma_gguf() -> Path:
     return gemma_gguf_path()

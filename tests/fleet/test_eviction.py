@@ -10,19 +10,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from catalog.models import CatalogModel
 from fleet.models import Instance, Phase
-from tests.factories import CatalogModelFactory
-from tests.fleet.conftest import GEMMA_REPO, GGUF_NAME, MULTI_REPO, wait_for_phase
+from tests.fleet.conftest import GGUF_NAME, MULTI_REPO, offered as _offered, wait_for_phase
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
 
 HELLO = [{"role": "user", "content": "Tell me a long story about a dragon."}]
 
 
-def offered(model_id: str, repo: str = GEMMA_REPO, **fields) -> CatalogModel:
-    CatalogModel.objects.filter(model_id=model_id).delete()
-    return CatalogModelFactory(model_id=model_id, hf_repo=repo, hf_files=["*.gguf", "*.bin"], vram_mb=1024, **fields)
+def offered(model_id: str, **fields):
+    return _offered(model_id, vram_mb=1024, **fields)
 
 
 def test_requested_model_evicts_a_lower_demand_one_whose_stream_finishes_intact(

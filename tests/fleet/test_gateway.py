@@ -10,21 +10,13 @@ import httpx
 import openai
 import pytest
 
-from catalog.models import CatalogModel
 from fleet.engines.process import find_engine_processes
 from fleet.models import Instance, Phase
-from tests.factories import CatalogModelFactory
-from tests.fleet.conftest import BROKEN_REPO, GEMMA_REPO, GGUF_NAME, MULTI_REPO
+from tests.fleet.conftest import BROKEN_REPO, GGUF_NAME, MULTI_REPO, offered
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
 
 HELLO = [{"role": "user", "content": "Say hello."}]
-
-
-def offered(model_id: str, repo: str = GEMMA_REPO, **fields) -> CatalogModel:
-    CatalogModel.objects.filter(model_id=model_id).delete()
-    fields.setdefault("hf_files", ["*.gguf", "*.bin"])
-    return CatalogModelFactory(model_id=model_id, hf_repo=repo, **fields)
 
 
 @pytest.fixture

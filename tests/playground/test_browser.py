@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 from django.contrib.auth import get_user_model
 
-from catalog.models import CatalogModel
 from tests.conftest import REPO_ROOT
-from tests.factories import CatalogModelFactory
-from tests.fleet.conftest import BROKEN_REPO, GEMMA_REPO
+from tests.fleet.conftest import BROKEN_REPO, offered
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
 
@@ -24,12 +22,6 @@ OUTPUT = REPO_ROOT / "test-output" / "playground"
 PASSWORD = "a long test password"
 
 DOWNLOAD_LABEL = re.compile(r"^Downloading \d+ MB of 253 MB · \d+\.\d% · \d+(\.\d)? MB/s( · ~\d+ (s|min) left)?$")
-
-
-def offered(model_id: str, repo: str = GEMMA_REPO, **fields) -> CatalogModel:
-    CatalogModel.objects.filter(model_id=model_id).delete()
-    fields.setdefault("hf_files", ["*.gguf"])
-    return CatalogModelFactory(model_id=model_id, hf_repo=repo, **fields)
 
 
 def output_dir(name: str) -> Path:
