@@ -18,19 +18,18 @@ Assumptions (the same for every policy):
   20-80 requests within a few minutes).
 
 Policies:
-- porten (as shipped): idle models unload after a 600 s demand window; a model that does not
-  fit is placed by planner.place() (demand-aware eviction, 120 s minimum residency, weights on
-  disk preferred). A request place() cannot serve yet ("busy") waits, is retried every 10 s, and
-  counts as one more request per 10 s waited (aging), as the gateway does.
-- porten-strict: the same without aging (a busy request's demand never grows).
+- porten (as shipped): demand is requests over the 600 s window, each weighted by how recent it
+  is (planner.recency_weight); idle models unload after the window; a model that does not fit is
+  placed by planner.place() (demand-aware eviction, 120 s minimum residency, weights on disk
+  preferred). A request place() cannot serve yet ("busy") waits, is retried every 10 s, and
+  counts as one more request per 10 s waited (aging), as the gateway does. Every 10 s, models
+  evicted for room in the last hour come back into free memory, never by evicting
+  (fleet.placement.instances_restore_evicted).
+- porten-flat: the policy as first shipped: flat request counts, no restore.
+- porten-strict: as shipped, without aging (a busy request's demand never grows).
 - porten-prefetch: as shipped, plus free memory prefilled with the most requested absent models of
-  the last hour (an experiment, not built into the hub).
-- porten+: same planner, three refinements that use only what the hub knows online:
-  idle models stay loaded until their memory is wanted (idle means demand 0, so place()
-  evicts them first and for free); free memory is prefetched with the most requested absent
-  models of the last hour, without evicting anything; and a request left waiting for room
-  counts once more per heartbeat waited (aging), so a model refused as "busy" wins room in
-  bounded time instead of waiting for a whole demand window.
+  the last hour (an experiment, not built into the hub: it would reload the very models the
+  demand window just unloaded for idleness).
 - lru-ttl (Ollama-like): unload after 5 minutes idle; when full, evict least recently used.
 - swap-lru (llama-swap-like): never unload while idle; when full, evict least recently used
   just enough to fit.
@@ -62,6 +61,7 @@ from fleet.planner import (  # noqa: E402
     Placement,
     idle_instances,
     place,
+    recency_weight,
     split_options,
 )
 
@@ -91,6 +91,8 @@ DEMAND_WINDOW_S = 600.0
 MIN_RESIDENCY_S = 120.0
 LRU_TTL_S = 300.0
 PREFETCH_HORIZON_S = 3_600.0
+RESTORE_HORIZON_S = 3_600.0  # fleet.placement.RESTORE_HORIZON_S
+RESTORE_PER_SWEEP = 3  # fleet.placement.RESTORE_PER_SWEEP
 MEAN_SESSION_GAP_S = 12.0
 ZIPF_S = 1.1
 SEED = 20_251_127  # day d replays the trace of seed SEED + d
@@ -260,14 +262,22 @@ class Policy:
         self.history[model_id].append(now)
         self.last_request[model_id] = now
 
+    recency_weighted = True  # as the hub does (fleet.demand.demand_recent)
+
     def demand(self, now: float, horizon_s: float = DEMAND_WINDOW_S) -> Demand:
-        source = self.window if horizon_s == DEMAND_WINDOW_S else self.history
+        """Requests per model over the demand window, recency-weighted as the hub weighs them; over
+        another horizon (prefetch's hour), plain counts."""
+        window = horizon_s == DEMAND_WINDOW_S
+        source = self.window if window else self.history
         counts = {}
         for model_id, times in source.items():
             while times and times[0] < now - horizon_s:
                 times.popleft()
             if times:
-                counts[model_id] = float(len(times))
+                if window and self.recency_weighted:
+                    counts[model_id] = sum(recency_weight(now - t, horizon_s) for t in times)
+                else:
+                    counts[model_id] = float(len(times))
         return Demand(counts)
 
     def place(self, model_id: str, now: float) -> bool:
@@ -280,16 +290,20 @@ class Policy:
 
 class PortenPolicy(Policy):
     name = "porten"
-    eager_idle_unload = True
     prefetch = False
+    restore = True
     aging_s = AGING_S  # as shipped: the gateway counts a busy-waiting request again every 10 s
+
+    def __init__(self, fleet: Fleet, stats: Stats) -> None:
+        super().__init__(fleet, stats)
+        self.evicted: dict[str, float] = {}  # model -> when it was evicted for another
 
     def place(self, model_id: str, now: float) -> bool:
         spec = self.fleet.entries[model_id].spec
         demand = self.demand(now)
         if self.aging_s:
-            # Requests waiting for room weigh one more request per `aging_s` waited, so a
-            # model refused as busy wins its place in bounded time (anti-starvation).
+            # Requests waiting for room weigh one more request per `aging_s` waited, so a model
+            # refused as busy wins its place in bounded time (anti-starvation).
             waited = sum(now - arrived for arrived in self.waiting.get(model_id, ()))
             demand = Demand(dict(demand.per_model) | {model_id: demand.of(model_id) + waited / self.aging_s})
         result = place(spec, self.fleet.snapshot(now), demand, now_s=now,
@@ -299,18 +313,34 @@ class PortenPolicy(Policy):
         for victim in result.evict:
             self.fleet.remove(victim.model_id)
             self.stats.evictions += 1
+            self.evicted[victim.model_id] = now
+        self.evicted.pop(model_id, None)
         self.fleet.start(model_id, int(result.node), result.gpu_indices, now, self.stats)
         return True
 
     def tick(self, now: float) -> None:
-        if self.eager_idle_unload:
-            idle = idle_instances(self.fleet.snapshot(now), self.last_request, now_s=now,
-                                  window_s=DEMAND_WINDOW_S)
-            for _, inst in idle:
-                self.fleet.remove(inst.model_id)
-                self.stats.idle_unloads += 1
+        idle = idle_instances(self.fleet.snapshot(now), self.last_request, now_s=now, window_s=DEMAND_WINDOW_S)
+        for _, inst in idle:
+            self.fleet.remove(inst.model_id)
+            self.stats.idle_unloads += 1
+        if self.restore:
+            self._restore(now)
         if self.prefetch:
             self._prefetch(now)
+
+    def _restore(self, now: float) -> None:
+        """As fleet.placement.instances_restore_evicted: models evicted for room in the last hour
+        come back into free memory, most demanded first, three a sweep, never by evicting."""
+        for model_id in [m for m, at in self.evicted.items() if now - at > RESTORE_HORIZON_S]:
+            del self.evicted[model_id]
+        demand = self.demand(now)
+        order = sorted(self.evicted, key=lambda m: (-demand.of(m), -self.last_request.get(m, 0.0)))
+        for model_id in order[:RESTORE_PER_SWEEP]:
+            fit = self.fleet.fit_without_eviction(model_id, now)
+            if fit is not None:
+                self.fleet.start(model_id, int(fit.node), fit.gpu_indices, now, self.stats)
+                self.stats.prefetches += 1
+                del self.evicted[model_id]
 
     def _prefetch(self, now: float) -> None:
         """Load the most requested absent models of the last hour into memory nobody uses."""
@@ -327,8 +357,16 @@ class PortenPolicy(Policy):
                 self.stats.prefetches += 1
 
 
+class PortenFlatPolicy(PortenPolicy):
+    """The policy as first shipped: flat request counts, no restore."""
+
+    name = "porten-flat"
+    recency_weighted = False
+    restore = False
+
+
 class PortenStrictPolicy(PortenPolicy):
-    """The planner without aging: a request refused as busy adds no demand while it waits."""
+    """Without aging: a request refused as busy adds no demand while it waits."""
 
     name = "porten-strict"
     aging_s = 0.0
@@ -337,13 +375,6 @@ class PortenStrictPolicy(PortenPolicy):
 class PortenPrefetchPolicy(PortenPolicy):
     name = "porten-prefetch"
     prefetch = True
-
-
-class PortenPlusPolicy(PortenPolicy):
-    name = "porten+"
-    eager_idle_unload = False
-    prefetch = True
-    aging_s = AGING_S
 
 
 class LruPolicy(Policy):
@@ -460,7 +491,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-POLICIES: tuple[type[Policy], ...] = (PortenPolicy, PortenStrictPolicy, PortenPrefetchPolicy, PortenPlusPolicy, LruTtlPolicy, LruPolicy)
+POLICIES: tuple[type[Policy], ...] = (
+    PortenPolicy, PortenFlatPolicy, PortenStrictPolicy, PortenPrefetchPolicy, LruTtlPolicy, LruPolicy,
+)
 BASELINES = ("lru-ttl", "swap-lru")
 
 
@@ -490,7 +523,7 @@ def main() -> None:
     print()
     header = (
         f"{'policy':<9} {'cold starts':>11} {'downloads':>9} {'reqs waited':>11} {'user-s waited':>13} "
-        f"{'p99 wait s':>10} {'evictions':>9} {'idle unloads':>12} {'prefetches':>10}"
+        f"{'p99 wait s':>10} {'evictions':>9} {'idle unloads':>12} {'bg loads':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -506,7 +539,7 @@ def main() -> None:
         print(f"  {cls.name:<9} " + "  ".join(f"{w:>9,.0f}" for w in per_day[cls.name]))
     print()
     best = min(BASELINES, key=lambda n: totals[n].wait_s)
-    for name in ("porten", "porten-strict", "porten-prefetch", "porten+"):
+    for name in ("porten", "porten-flat", "porten-strict", "porten-prefetch"):
         reduction = 1 - totals[name].wait_s / totals[best].wait_s
         daily = [
             1 - mine / min(per_day[b][d] for b in BASELINES) for d, mine in enumerate(per_day[name])

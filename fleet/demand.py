@@ -8,6 +8,8 @@ from django.conf import settings
 
 from porten.redis import aredis_client, redis_client
 
+from .planner import recency_weight
+
 BUCKET_S = 60  # the window slides by minute buckets
 
 
@@ -40,20 +42,38 @@ async def demand_record(model_id: str, *, served: bool, now: float | None = None
     await pipe.execute()
 
 
+def _bucket_counts(model_ids: list[str], window_s: float, now: float) -> tuple[list[int], dict[str, list[int]]]:
+    """The window's minute buckets, and per model its requests (served + unmet) in each."""
+    buckets = _window_buckets(now, window_s)
+    keys = [_bucket_key(kind, m, b) for m in model_ids for b in buckets for kind in ("served", "unmet")]
+    values = [int(v) if v else 0 for v in redis_client().mget(keys)]
+    counts = {}
+    for i, model_id in enumerate(model_ids):
+        row = values[i * 2 * len(buckets):(i + 1) * 2 * len(buckets)]
+        counts[model_id] = [row[2 * j] + row[2 * j + 1] for j in range(len(buckets))]
+    return buckets, counts
+
+
 def demand_counts(model_ids: list[str], *, window_s: float | None = None, now: float | None = None) -> dict[str, float]:
     """Requests (served + unmet) per model over the window."""
     if not model_ids:
         return {}
     now = time.time() if now is None else now
     window_s = settings.PORTEN_DEMAND_WINDOW_S if window_s is None else window_s
-    buckets = _window_buckets(now, window_s)
-    keys = [_bucket_key(kind, m, b) for m in model_ids for kind in ("served", "unmet") for b in buckets]
-    values = redis_client().mget(keys)
-    per_model = 2 * len(buckets)
-    return {
-        model_id: float(sum(int(v) for v in values[i * per_model:(i + 1) * per_model] if v))
-        for i, model_id in enumerate(model_ids)
-    }
+    _, counts = _bucket_counts(model_ids, window_s, now)
+    return {model_id: float(sum(row)) for model_id, row in counts.items()}
+
+
+def demand_recent(model_ids: list[str], *, now: float | None = None) -> dict[str, float]:
+    """What the planner compares: requests per model over the demand window, each weighted by how
+    recent it is (`planner.recency_weight`, taken at the middle of its minute bucket)."""
+    if not model_ids:
+        return {}
+    now = time.time() if now is None else now
+    window_s = settings.PORTEN_DEMAND_WINDOW_S
+    buckets, counts = _bucket_counts(model_ids, window_s, now)
+    weights = [recency_weight(now - min(now, (b + 0.5) * BUCKET_S), window_s) for b in buckets]
+    return {model_id: sum(c * w for c, w in zip(row, weights)) for model_id, row in counts.items()}
 
 
 def last_requests(model_ids: list[str]) -> dict[str, float]:

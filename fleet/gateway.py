@@ -26,6 +26,7 @@ from .inflight import tally
 from .live import warming_state
 from .models import ACTIVE_PHASES, Instance, Phase
 from .placement import PlacementError, instance_ensure, node_online, node_stale_s
+from .upstream import EngineTransport
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +60,8 @@ def upstream_client() -> httpx.AsyncClient:
     client = _clients.get(loop)
     if client is None:
         client = httpx.AsyncClient(
+            transport=EngineTransport(),
             timeout=httpx.Timeout(settings.PORTEN_UPSTREAM_TIMEOUT_S, connect=5.0),
-            # A small keep-alive pool: httpcore scans it on every request.
-            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=64),
             trust_env=False,
         )
         _clients[loop] = client
@@ -275,6 +275,7 @@ async def proxy(route: Route, *, path: str, body: dict, model_id: str, count_ser
             accounting.close()
         response = HttpResponse(upstream.content, status=upstream.status_code,
                                 content_type=upstream.headers.get("content-type", "application/json"))
+        response["Content-Length"] = str(len(upstream.content))
         _porten_headers(response, route)
         return response
 

@@ -31,6 +31,7 @@ class Tally:
     def __init__(self) -> None:
         self.inflight: Counter[int] = Counter()
         self.dirty: set[int] = set()
+        self.written: dict[int, int] = {}  # what Redis holds for this process
         self.served: Counter[str] = Counter()
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
@@ -70,18 +71,34 @@ class Tally:
         dirty, self.dirty = self.dirty, set()
         served, self.served = self.served, Counter()
         pipe = aredis_client().pipeline(transaction=False)
+        writing: dict[int, int] = {}
         for instance_id in dirty:
-            count = self.inflight[instance_id]
+            count = max(self.inflight[instance_id], 0)
+            if count == 0:
+                del self.inflight[instance_id]
+            if count == self.written.get(instance_id, 0):
+                continue  # back where it was: one request left and the next came in between
+            writing[instance_id] = count
             if count > 0:
                 pipe.hset(_key(instance_id), PROCESS_ID, count)
                 pipe.expire(_key(instance_id), TTL_S)
             else:
                 pipe.hdel(_key(instance_id), PROCESS_ID)
-                del self.inflight[instance_id]
+        if not writing and not served:
+            return
         now = time.time()
         for model_id, count in served.items():
             demand_commands(pipe, model_id, served=True, now=now, count=count)
-        await pipe.execute()
+        try:
+            await pipe.execute()
+        except BaseException:
+            self.dirty |= writing.keys()  # written or not, say it again next time
+            raise
+        for instance_id, count in writing.items():
+            if count:
+                self.written[instance_id] = count
+            else:
+                self.written.pop(instance_id, None)
 
 
 _tallies: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Tally]" = weakref.WeakKeyDictionary()

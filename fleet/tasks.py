@@ -33,3 +33,14 @@ def unload_idle_instances() -> list[int]:
         return instances_unload_idle()
     finally:
         close_old_connections()
+
+
+@shared_task
+def restore_evicted_models() -> list[int]:
+    """Beat, on the hub queue: bring models evicted for room back into memory that came free."""
+    from .placement import instances_restore_evicted
+
+    try:
+        return instances_restore_evicted()
+    finally:
+        close_old_connections()

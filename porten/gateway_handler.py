@@ -7,7 +7,8 @@ dominate its latency under ASGI (measured: ~6 ms of a 7 ms request):
   callers (the playground) are authenticated and CSRF-checked by the views (porten.auth);
 - a fresh ThreadSensitiveContext per request, which starts and joins a thread every time;
 - request_started/request_finished signals, dispatched through that thread. Their one job here,
-  recycling stale database connections, is done at most every few seconds instead.
+  recycling stale database connections, is done at most every few seconds instead;
+- resolving the URL against the whole URLconf: each gateway path is resolved once.
 The hot path then touches no thread at all; cache misses use the async ORM as usual.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
 from django.db import close_old_connections
-from django.urls import set_script_prefix
+from django.urls import ResolverMatch, set_script_prefix
 
 GATEWAY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 RECYCLE_CONNECTIONS_S = 5.0
@@ -30,6 +31,16 @@ class GatewayASGIHandler(ASGIHandler):
     def __init__(self) -> None:
         super().__init__()
         self._connections_checked_at = time.monotonic()
+        self._resolved: dict[str, ResolverMatch] = {}
+
+    def resolve_request(self, request) -> ResolverMatch:
+        # Only GATEWAY_PATHS come here: resolve each once. Walking the URLconf (admin included)
+        # to reach them cost about 8 % of the hub's CPU per request.
+        match = self._resolved.get(request.path_info)
+        if match is None:
+            match = self._resolved[request.path_info] = super().resolve_request(request)
+        request.resolver_match = match
+        return match
 
     def load_middleware(self, is_async: bool = False) -> None:
         self._view_middleware = []

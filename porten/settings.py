@@ -210,6 +210,7 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = PORTEN_MAX_BODY_BYTES
 
 CELERY_BEAT_SCHEDULE = {
     "unload-idle-instances": {"task": "fleet.tasks.unload_idle_instances", "schedule": PORTEN_IDLE_SWEEP_S},
+    "restore-evicted-models": {"task": "fleet.tasks.restore_evicted_models", "schedule": PORTEN_IDLE_SWEEP_S},
 }
 
 LOGGING = {
@@ -221,5 +222,7 @@ LOGGING = {
         "porten": {"handlers": ["console"], "level": env_str("PORTEN_LOG_LEVEL", "INFO"), "propagate": False},
         "fleet": {"handlers": ["console"], "level": env_str("PORTEN_LOG_LEVEL", "INFO"), "propagate": False},
         "catalog": {"handlers": ["console"], "level": env_str("PORTEN_LOG_LEVEL", "INFO"), "propagate": False},
+        # httpx logs every engine call at INFO: the gateway's hot path, already in the access log.
+        "httpx": {"level": "WARNING"},
     },
 }

@@ -18,6 +18,7 @@ from fleet.planner.types import (
     NodeState,
     NoPlacement,
     Placement,
+    recency_weight,
 )
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "freed_per_gpu_mb",
     "idle_instances",
     "place",
+    "recency_weight",
     "share_mb",
     "split_options",
 ]

@@ -70,3 +70,75 @@ async def test_no_route_to_an_engine_on_a_dead_node(catalog_model):
     await Node.objects.filter(pk=dead.pk).aupdate(last_heartbeat_at=timezone.now())
     route = await ready_route(model, use_cache=False)
     assert route is not None and route.base_url.endswith(":1234")
+
+
+def _requests(model_id: str, count: int, *, ago_s: float = 0.0) -> None:
+    import time
+
+    from fleet.demand import demand_commands
+    from porten.redis import redis_client
+
+    pipe = redis_client().pipeline(transaction=False)
+    demand_commands(pipe, model_id, served=False, now=time.time() - ago_s, count=count)
+    pipe.execute()
+
+
+def test_recent_requests_outweigh_old_ones(catalog_model):
+    from fleet.demand import demand_counts, demand_recent
+
+    _requests("fresh-model", 3)
+    _requests("stale-model", 3, ago_s=480)
+    assert demand_counts(["fresh-model", "stale-model"]) == {"fresh-model": 3.0, "stale-model": 3.0}
+    recent = demand_recent(["fresh-model", "stale-model", "never-asked"])
+    assert 2.7 <= recent["fresh-model"] <= 3.0
+    assert 0.3 <= recent["stale-model"] <= 0.8  # 8 minutes into a 10-minute window
+    assert recent["never-asked"] == 0.0
+
+
+def test_a_model_evicted_for_room_comes_back_when_memory_frees_and_never_by_evicting(catalog_model):
+    from fleet.placement import EVICTED_KEY, instances_restore_evicted
+    from porten.redis import redis_client
+
+    redis_client().delete(EVICTED_KEY)
+    pushed = catalog_model(model_id="pushed-out", vram_mb=5000)
+    wanted = catalog_model(model_id="asked-for", vram_mb=5000)
+    box = node("one-box", total_mb=8000)
+    old = Instance.objects.create(model=pushed, node=box, phase=Phase.READY, vram_mb=5000, port=1,
+                                  ready_at=timezone.now() - timedelta(hours=1))
+    _requests("pushed-out", 1, ago_s=300)
+    _requests("asked-for", 4)
+    placed = instance_ensure(model=wanted)
+    old.refresh_from_db()
+    assert old.phase == Phase.DRAINING and placed.waits_for == [old.pk]
+
+    # The requested model holds the memory: nothing is restored, nothing is evicted for it.
+    assert instances_restore_evicted() == []
+    Instance.objects.filter(pk=old.pk).update(phase=Phase.STOPPED)
+    Instance.objects.filter(pk=placed.pk).update(phase=Phase.READY, ready_at=timezone.now())
+    assert instances_restore_evicted() == []
+    assert Instance.objects.get(pk=placed.pk).phase == Phase.READY
+
+    # The requested model goes (idle, say): the evicted one comes back into the free memory.
+    Instance.objects.filter(pk=placed.pk).update(phase=Phase.STOPPED)
+    (restored_pk,) = instances_restore_evicted()
+    restored = Instance.objects.get(pk=restored_pk)
+    assert restored.model == pushed and restored.phase == Phase.QUEUED and restored.node == box
+    assert restored.placement_reason.startswith("restored after eviction")
+    # Placed again, it is no longer owed a restore; the model unloaded for idleness never was.
+    assert not redis_client().hexists(EVICTED_KEY, "pushed-out")
+    Instance.objects.filter(pk=restored.pk).update(phase=Phase.STOPPED)
+    assert instances_restore_evicted() == []
+
+
+def test_an_eviction_older_than_the_horizon_is_forgotten(catalog_model):
+    import time
+
+    from fleet.placement import EVICTED_KEY, RESTORE_HORIZON_S, instances_restore_evicted
+    from porten.redis import redis_client
+
+    catalog_model(model_id="long-gone", vram_mb=1000)
+    node("roomy")
+    redis_client().hset(EVICTED_KEY, "long-gone", time.time() - RESTORE_HORIZON_S - 5)
+    assert instances_restore_evicted() == []
+    assert not redis_client().hexists(EVICTED_KEY, "long-gone")
+    assert not Instance.objects.filter(model__model_id="long-gone").exists()

@@ -398,3 +398,14 @@ def test_the_planner_imports_only_the_standard_library():
                 assert top in sys.stdlib_module_names or name.startswith("fleet.planner"), (
                     f"{source.name} imports {name}"
                 )
+
+
+def test_recency_weight_falls_from_one_to_zero_across_the_window():
+    from fleet.planner import recency_weight
+
+    assert recency_weight(0, 600) == 1.0
+    assert recency_weight(300, 600) == 0.5
+    assert recency_weight(600, 600) == 0.0
+    assert recency_weight(900, 600) == 0.0
+    assert recency_weight(-5, 600) == 1.0  # clock skew between hub processes never counts extra
+    assert recency_weight(10, 0) == 0.0

@@ -1,0 +1,185 @@
+"""The gateway's engine transport against a real TCP server that answers the way engines (and
+broken engines) do: framing, keep-alive reuse, stale connections, timeouts, early close."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from fleet.upstream import EngineTransport
+
+
+class ScriptedEngine:
+    """An HTTP/1.1 server on 127.0.0.1 whose every answer is written by `answer(request_number, writer)`."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.closed = asyncio.Event()  # set when a client closes a connection
+
+    async def __aenter__(self) -> ScriptedEngine:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                self.requests.append(head + await reader.readexactly(length))
+                if await self.answer(len(self.requests), writer) == "close":
+                    writer.close()
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.closed.set()
+        finally:
+            writer.close()
+
+
+def sized(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n" % (
+        len(body), extra) + body
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def client(**timeouts) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=EngineTransport(), timeout=httpx.Timeout(timeouts.get("read", 5.0), connect=2.0))
+
+
+async def test_answers_are_read_by_length_and_the_connection_is_kept_alive():
+    async def answer(n, writer):
+        writer.write(sized(json.dumps({"n": n}).encode()))
+
+    async with ScriptedEngine(answer) as engine, client() as http:
+        for n in (1, 2, 3):
+            response = await http.post(engine.url + "/v1/chat/completions", json={"model": "m", "n": n})
+            assert response.status_code == 200
+            assert response.json() == {"n": n}
+    assert engine.connections == 1
+    first = engine.requests[0]
+    assert first.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    head, body = first.split(b"\r\n\r\n", 1)
+    assert json.loads(body) == {"model": "m", "n": 1}
+    assert b"\r\nContent-Length: %d" % len(body) in head
+
+
+async def test_a_chunked_stream_arrives_chunk_by_chunk_before_the_engine_finishes():
+    release = asyncio.Event()
+
+    async def answer(n, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(chunk(b"data: first\n\n"))
+        await writer.drain()
+        await release.wait()
+        writer.write(chunk(b"data: second\n\n") + b"0\r\n\r\n")
+
+    async with ScriptedEngine(answer) as engine, client() as http:
+        async with http.stream("POST", engine.url + "/v1/completions", json={"stream": True}) as response:
+            parts = response.aiter_raw()
+            assert await anext(parts) == b"data: first\n\n"  # while the engine still holds the rest
+            release.set()
+            assert [p async for p in parts] == [b"data: second\n\n"]
+        again = await http.post(engine.url + "/v1/completions", json={"stream": True})
+        assert again.content == b"data: first\n\ndata: second\n\n"
+    assert engine.connections == 1  # read to the end, so reused
+
+
+async def test_a_body_ended_by_closing_the_connection_is_read_whole_and_not_reused():
+    async def answer(n, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"n\": %d}" % n)
+        return "close"
+
+    async with ScriptedEngine(answer) as engine, client() as http:
+        assert (await http.post(engine.url + "/x", content=b"{}")).json() == {"n": 1}
+        assert (await http.post(engine.url + "/x", content=b"{}")).json() == {"n": 2}
+    assert engine.connections == 2
+
+
+async def test_a_kept_alive_connection_the_engine_closed_is_replaced_transparently():
+    async def answer(n, writer):
+        writer.write(sized(b'{"ok": true}', b"Connection: keep-alive\r\n"))
+        await writer.drain()
+        return "close"  # as an engine restarting, or timing idle connections out, would
+
+    async with ScriptedEngine(answer) as engine, client() as http:
+        assert (await http.post(engine.url + "/x", content=b"{}")).status_code == 200
+        await asyncio.sleep(0.05)
+        assert (await http.post(engine.url + "/x", content=b"{}")).status_code == 200
+    assert len(engine.requests) == 2
+    assert engine.connections == 2
+
+
+async def test_a_silent_engine_times_out_as_httpx_does():
+    async def answer(n, writer):
+        await asyncio.sleep(30)
+
+    async with ScriptedEngine(answer) as engine, client(read=0.3) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await asyncio.wait_for(http.post(engine.url + "/x", content=b"{}"), timeout=5)
+
+
+async def test_an_engine_that_stalls_mid_stream_times_out():
+    async def answer(n, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    async with ScriptedEngine(answer) as engine, client(read=0.3) as http:
+        async with http.stream("POST", engine.url + "/x", content=b"{}") as response:
+            with pytest.raises(httpx.ReadTimeout):
+                async for _ in response.aiter_raw():
+                    pass
+
+
+async def test_no_engine_listening_is_a_connect_error():
+    async with ScriptedEngine(None) as engine:
+        url = engine.url
+    async with client() as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.post(url + "/x", content=b"{}")
+
+
+async def test_closing_a_stream_early_closes_the_connection_so_the_engine_stops():
+    async def answer(n, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(100):
+            writer.write(chunk(b"token"))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    async with ScriptedEngine(answer) as engine, client() as http:
+        async with http.stream("POST", engine.url + "/x", content=b"{}") as response:
+            async for part in response.aiter_raw():
+                assert part == b"token"
+                break
+        await asyncio.wait_for(engine.closed.wait(), timeout=5)
+
+
+@pytest.mark.parametrize("reply", [
+    b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+    b"HTTP/1.1 abc OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nshort",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+])
+async def test_a_broken_answer_is_a_protocol_error(reply):
+    async def answer(n, writer):
+        writer.write(reply)
+        return "close"
+
+    async with ScriptedEngine(answer) as engine, client() as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.post(engine.url + "/x", content=b"{}")
