@@ -25,7 +25,8 @@ Policies:
   counts as one more request per 10 s waited (aging), as the gateway does. Every 10 s, models
   evicted for room in the last hour come back into free memory, never by evicting
   (fleet.placement.instances_restore_evicted).
-- porten-flat: the policy as first shipped: flat request counts, no restore.
+- porten-flat: flat request counts and no restore (the policy as first shipped, but with
+  today's eviction rule).
 - porten-strict: as shipped, without aging (a busy request's demand never grows).
 - porten-prefetch: as shipped, plus free memory prefilled with the most requested absent models of
   the last hour (an experiment, not built into the hub: it would reload the very models the

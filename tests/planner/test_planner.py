@@ -175,7 +175,7 @@ def test_busy_is_not_no_capacity_when_an_empty_node_would_hold_it():
     assert result.code == BUSY
     assert result.reason == (
         "qwen2.5-7b needs 17,408 MB; no node can make room without evicting pinned, loading or "
-        "busier models (demand 9)"
+        "busier models (demand 9, 20 s to load)"
     )
 
 
@@ -195,8 +195,24 @@ def test_evicts_a_lower_demand_model_and_says_why():
     assert isinstance(result, Placement)
     assert [v.model_id for v in result.evict] == ["llama-8b"]
     assert result.reason == (
-        "node gpu-a gpu 0: 19,456 MB free after evicting llama-8b (demand 1 < 7); weights on disk"
+        "node gpu-a gpu 0: 19,456 MB free after evicting llama-8b (demand 1 < 7; demand x load time 20 < 140 s); "
+        "weights on disk"
     )
+
+
+def test_a_slow_to_reload_model_is_not_evicted_for_a_quick_one_asked_for_a_little_more():
+    slow = node("gpu-a", gpu(0, 0), instances=[loaded(1, "big-slow", 80, reload_s=80)])
+    quick = ModelSpec("small-quick", 20 * GB, load_s=10)
+
+    # 3 requests x 80 s of reload at stake for big-slow, 4 x 10 s for small-quick: it waits.
+    kept = decide(quick, [slow], {"small-quick": 4, "big-slow": 3})
+    assert isinstance(kept, NoPlacement) and kept.code == BUSY
+    assert kept.reason.endswith("(demand 4, 10 s to load)")
+
+    # As its waiting requests age, its demand grows until its users stand to lose more.
+    taken = decide(quick, [slow], {"small-quick": 25, "big-slow": 3})
+    assert isinstance(taken, Placement) and [v.model_id for v in taken.evict] == ["big-slow"]
+    assert "(demand 3 < 25; demand x load time 240 < 250 s)" in taken.reason
 
 
 @pytest.mark.parametrize(

@@ -172,6 +172,13 @@ def young(inst: LoadedInstance) -> bool:
     return NOW_S - inst.loaded_at_s < MIN_RESIDENCY_S
 
 
+def may_evict(inst: LoadedInstance, model: ModelSpec, demand: Demand) -> bool:
+    """The rules on one victim: not pinned, not loading or draining, less demand than the
+    requested model, and less demand x reload time than its demand x load time."""
+    d, wanted = demand.of(inst.model_id), demand.of(model.model_id)
+    return not inst.pinned and inst.evictable and d < wanted and d * inst.reload_s < wanted * model.load_s
+
+
 def plan_key(node_order, node, victims, demand):
     cost = sum(demand.of(v.model_id) * v.reload_s for v in victims)
     freed = sum(v.vram_mb for v in victims)
@@ -187,9 +194,7 @@ def legal_plans(model, nodes, demand, allow_young: bool) -> list[tuple]:
         allowed = [
             i
             for i in node.instances
-            if not i.pinned
-            and i.evictable
-            and demand.of(i.model_id) < wanted
+            if may_evict(i, model, demand)
             and (allow_young or not young(i))
         ]
         for k, per in options(node, model.vram_mb):
@@ -223,7 +228,8 @@ def check_legal(result: Placement, model, nodes, demand) -> None:
         assert victim.instance_id in on_node
         assert not victim.pinned
         assert victim.evictable
-        assert demand.of(victim.model_id) < wanted
+        assert demand.of(victim.model_id) < wanted  # never a busier model for a less busy one
+        assert may_evict(victim, model, demand)
     assert is_minimal(node, result.gpu_indices, per, result.evict)
     assert result.reason and result.node in result.reason
 
@@ -319,7 +325,7 @@ def test_greedy_cover_is_legal_and_minimal(crowded, vram):
         check_legal(result, model, [node], demand)
     else:
         # only when every instance allowed to go together still leaves it short
-        allowed = [i for i in node.instances if demand.of(i.model_id) < 10.0]
+        allowed = [i for i in node.instances if may_evict(i, model, demand)]
         assert not covers(node, (0,), vram, allowed)
         assert result.code == BUSY
 
@@ -369,13 +375,9 @@ def wide_nodes(draw) -> list[NodeState]:
 def test_split_over_many_gpus_is_legal_and_minimal(fleet, demand, vram):
     model = ModelSpec(REQUESTED, vram)
     result = place(model, fleet, demand, now_s=NOW_S, min_residency_s=MIN_RESIDENCY_S)
-    wanted = demand.of(REQUESTED)
 
     def can_make_room(node: NodeState) -> bool:
-        allowed = [
-            i for i in node.instances
-            if not i.pinned and i.evictable and demand.of(i.model_id) < wanted
-        ]
+        allowed = [i for i in node.instances if may_evict(i, model, demand)]
         return any(
             sum(covers(node, (g.index,), per, allowed) for g in node.gpus) >= k
             for k, per in options(node, vram)
