@@ -22,7 +22,7 @@ Policies:
   is (planner.recency_weight); idle models unload after the window; a model that does not fit is
   placed by planner.place() (demand-aware eviction, 120 s minimum residency, weights on disk
   preferred). A request place() cannot serve yet ("busy") waits, is retried every 10 s, and
-  counts as one more request per 10 s waited (aging), as the gateway does. Every 10 s, models
+  counts as one more request per 5 s waited (aging, PORTEN_BUSY_AGING_S). Every 10 s, models
   evicted for room in the last hour come back into free memory, never by evicting
   (fleet.placement.instances_restore_evicted).
 - porten-flat: flat request counts and no restore (the policy as first shipped, but with
@@ -37,7 +37,7 @@ Policies:
 The baselines choose among nodes that fit without eviction exactly as Porten does (weights on
 disk first, then best fit), so only the eviction policy differs.
 
-Run from the repository root: python bench/simulate.py
+Run from the repository root: python bench/simulate.py [--days N]
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ MEAN_SESSION_GAP_S = 12.0
 ZIPF_S = 1.1
 SEED = 20_251_127  # day d replays the trace of seed SEED + d
 DAYS = 5
-AGING_S = TICK_S  # a request left waiting for room counts once more every heartbeat (10 s)
+AGING_S = 5.0  # PORTEN_BUSY_AGING_S: a request left waiting for room counts once more this often
 TARGET_REDUCTION = 0.30
 
 
@@ -293,7 +293,7 @@ class PortenPolicy(Policy):
     name = "porten"
     prefetch = False
     restore = True
-    aging_s = AGING_S  # as shipped: the gateway counts a busy-waiting request again every 10 s
+    aging_s = AGING_S  # as shipped: the gateway counts a busy-waiting request again every 5 s
 
     def __init__(self, fleet: Fleet, stats: Stats) -> None:
         super().__init__(fleet, stats)
@@ -499,17 +499,23 @@ BASELINES = ("lru-ttl", "swap-lru")
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--days", type=int, default=DAYS,
+                        help="days to replay (seeds SEED..SEED+days-1); days vary a lot, more give a steadier figure")
+    days = parser.parse_args().days
     entries = catalog()
     total_gb = sum(gb for _, gb in CATALOG_GB)
     print(
         f"catalog {len(entries)} models, {total_gb} GB of footprints; fleet {NODES} nodes x {GPUS_PER_NODE} x "
-        f"{GPU_MB // 1024} GB = {NODES * GPUS_PER_NODE * GPU_MB // 1024} GB; {DAYS} simulated days "
-        f"(seeds {SEED}..{SEED + DAYS - 1}), every policy replays the same traces"
+        f"{GPU_MB // 1024} GB = {NODES * GPUS_PER_NODE * GPU_MB // 1024} GB; {days} simulated days "
+        f"(seeds {SEED}..{SEED + days - 1}), every policy replays the same traces"
     )
     totals = {cls.name: Stats() for cls in POLICIES}
     per_day: dict[str, list[float]] = {cls.name: [] for cls in POLICIES}
     requests = 0
-    for day in range(DAYS):
+    for day in range(days):
         trace = make_trace(list(entries), SEED + day)
         requests += len(trace)
         for cls in POLICIES:
@@ -520,7 +526,7 @@ def main() -> None:
                 setattr(t, name, getattr(t, name) + getattr(s, name))
             t.waits.extend(s.waits)
             per_day[cls.name].append(s.wait_s)
-    print(f"{requests:,} requests in all ({requests / DAYS:,.0f} a day)")
+    print(f"{requests:,} requests in all ({requests / days:,.0f} a day)")
     print()
     header = (
         f"{'policy':<9} {'cold starts':>11} {'downloads':>9} {'reqs waited':>11} {'user-s waited':>13} "
@@ -547,7 +553,7 @@ def main() -> None:
         ]
         verdict = "met" if reduction >= TARGET_REDUCTION else "NOT met"
         print(
-            f"{name} vs the better baseline ({best}): {reduction:+.1%} user-seconds saved over {DAYS} days "
+            f"{name} vs the better baseline ({best}): {reduction:+.1%} user-seconds saved over {days} days "
             f"(per day {min(daily):+.0%} .. {max(daily):+.0%}); target >= {TARGET_REDUCTION:.0%} fewer: {verdict}"
         )
 
