@@ -21,8 +21,9 @@ Policies:
 - porten (as shipped): demand is requests over the 600 s window, each weighted by how recent it
   is (planner.recency_weight); idle models unload after the window; a model that does not fit is
   placed by planner.place() (demand-aware eviction, 120 s minimum residency, weights on disk
-  preferred). A request place() cannot serve yet ("busy") waits, is retried every 10 s, and
-  counts as one more request per 5 s waited (aging, PORTEN_BUSY_AGING_S). Every 10 s, models
+  preferred). A request place() cannot serve yet ("busy") waits, is retried every 2 s as the
+  gateway does, and counts as one more request per 5 s waited (aging, PORTEN_BUSY_AGING_S).
+  Every 30 s (the beat sweep, PORTEN_IDLE_SWEEP_S) idle models unload, and models
   evicted for room in the last hour come back into free memory, never by evicting
   (fleet.placement.instances_restore_evicted).
 - porten-flat: flat request counts and no restore (the policy as first shipped, but with
@@ -86,7 +87,8 @@ NODES = 4
 GPUS_PER_NODE = 2
 GPU_MB = 80 * 1024
 DAY_S = 86_400.0
-TICK_S = 10.0  # node heartbeat: idle checks and retries of waiting requests
+RETRY_S = 2.0  # fleet.gateway.BUSY_RETRY_S: a request waiting for room asks the planner again
+SWEEP_S = 30.0  # PORTEN_IDLE_SWEEP_S: beat unloads idle models (and restores evicted ones)
 DOWNLOAD_MB_S = 400.0
 DEMAND_WINDOW_S = 600.0
 MIN_RESIDENCY_S = 120.0
@@ -463,11 +465,13 @@ def simulate(
             stats.waited_requests += 1
             stats.wait_s += wait
 
-    ticks = [(t * TICK_S, "") for t in range(1, int(DAY_S / TICK_S) + 1)]
+    ticks = [(t * RETRY_S, "") for t in range(1, int(DAY_S / RETRY_S) + 1)]
+    sweep_every = round(SWEEP_S / RETRY_S)
     events = heapq.merge(trace, ticks, key=lambda e: (e[0], e[1] == ""))
     for now, model_id in events:
         if not model_id:
-            policy.tick(now)
+            if round(now / RETRY_S) % sweep_every == 0:
+                policy.tick(now)
             for pending in sorted(waiting, key=lambda m: waiting[m][0]):
                 settle(pending, now)
             continue
