@@ -70,7 +70,8 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
 
     route = await ready_route(model)
     if route is not None:
-        response = await proxy(route, path=path, body=body, model_id=model.model_id, count_served=True)
+        response = await proxy(route, path=path, payload=raw, stream=bool(body.get("stream")), model_id=model.model_id,
+                               count_served=True)
         if response.status_code != 502:
             return response
         # The cached engine went away (unloaded or crashed): fall through to the cold path.
@@ -79,7 +80,7 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
         route = await warm_route(model, budget_s=budget_s)
     except WarmupFailed as failure:
         return failure.response
-    return await proxy(route, path=path, body=body, model_id=model.model_id)
+    return await proxy(route, path=path, payload=raw, stream=bool(body.get("stream")), model_id=model.model_id)
 
 
 def _too_large() -> HttpResponse:

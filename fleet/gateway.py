@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import random
@@ -259,14 +258,15 @@ class _Accounting:
             tally().leave(self.instance_id)
 
 
-async def proxy(route: Route, *, path: str, body: dict, model_id: str, count_served: bool = False) -> HttpResponse:
-    """Forward to the engine. With `count_served`, the request also counts as served demand."""
+async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model_id: str,
+                count_served: bool = False) -> HttpResponse:
+    """Forward the caller's (validated) body to the engine as it came. With `count_served`, the
+    request also counts as served demand."""
     url = route.base_url + path
-    payload = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     client = upstream_client()
     accounting = _Accounting(route.instance_id, model_id if count_served else None)
-    if not body.get("stream"):
+    if not stream:
         try:
             upstream = await client.post(url, content=payload, headers=headers)
         except httpx.TransportError:

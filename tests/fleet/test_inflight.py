@@ -1,0 +1,54 @@
+"""The per-process request tally against real Redis: in-flight counts every hub process can see
+(draining waits on them) and served demand, written in batches off the request path."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fleet.demand import demand_counts, last_requests
+from fleet.inflight import PROCESS_ID, Tally, _key, inflight_count
+from porten.redis import redis_client
+
+
+async def eventually(check, timeout_s: float = 5.0):
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_in_flight_requests_reach_redis_and_leave_it():
+    tally, instance_id = Tally(), 900_001
+    tally.enter(instance_id, None)
+    tally.enter(instance_id, None)
+    await eventually(lambda: inflight_count(instance_id) == 2)
+    tally.leave(instance_id)
+    tally.leave(instance_id)
+    await eventually(lambda: not redis_client().exists(_key(instance_id)))
+    assert inflight_count(instance_id) == 0
+
+
+async def test_a_count_back_where_redis_has_it_is_not_written_again():
+    tally, instance_id = Tally(), 900_002
+    tally.enter(instance_id, None)
+    await eventually(lambda: inflight_count(instance_id) == 1)
+    redis_client().hset(_key(instance_id), PROCESS_ID, 7)  # a marker: any write would replace it
+    tally.leave(instance_id)
+    tally.enter(instance_id, None)  # the next request came in before the next flush
+    await tally.flush()
+    assert redis_client().hget(_key(instance_id), PROCESS_ID) == "7"
+    tally.leave(instance_id)
+    await tally.flush()
+    assert not redis_client().exists(_key(instance_id))
+
+
+async def test_served_requests_become_demand_within_about_a_second():
+    tally, instance_id, model_id = Tally(), 900_003, "tally-served-model"
+    before = demand_counts([model_id])[model_id]
+    started = time.time()
+    for _ in range(3):
+        tally.enter(instance_id, model_id)
+        tally.leave(instance_id)
+    await eventually(lambda: demand_counts([model_id])[model_id] == before + 3, timeout_s=3.0)
+    assert last_requests([model_id])[model_id] >= started
+    assert not tally.served  # nothing left owed
