@@ -6,7 +6,8 @@ servers on the node network, and httpcore's generality (anyio, h11's event machi
 proxies, HTTP/2) cost about 0.3 ms of CPU per call here, measured against bench/stub_engine.py,
 where the same exchange over asyncio streams costs 0.04 ms. What it does:
 - one idle list of connections per (host, port), reused LIFO; a connection is returned only
-  after its response was read to the end, otherwise it is closed;
+  after its response was read to the end, otherwise it is closed; at most
+  MAX_CONNECTIONS_PER_HOST in use at once, the rest wait (httpx's pool timeout applies);
 - bodies framed by Content-Length, chunked transfer-coding, or the connection's end;
 - a reused connection that the engine had already closed (restart, idle timeout) fails before
   any byte of the answer: the request is sent again once on a fresh connection;
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator
 import httpx
 
 MAX_IDLE_PER_HOST = 64
+MAX_CONNECTIONS_PER_HOST = 2000  # past it, requests queue for a connection (httpx's pool did too)
 READ_SIZE = 65_536
 MAX_HEAD_BYTES = 65_536
 
@@ -44,8 +46,9 @@ class _Body(httpx.AsyncByteStream):
     """A response body read straight off the connection, then handed back to the pool."""
 
     def __init__(self, transport: EngineTransport, key: tuple[str, int], conn: _Connection, *,
-                 length: int | None, chunked: bool, keep_alive: bool, read_timeout_s: float | None) -> None:
-        self.transport, self.key, self.conn = transport, key, conn
+                 length: int | None, chunked: bool, keep_alive: bool, read_timeout_s: float | None,
+                 slot: asyncio.Semaphore) -> None:
+        self.transport, self.key, self.conn, self.slot = transport, key, conn, slot
         self.length, self.chunked, self.keep_alive = length, chunked, keep_alive
         self.read_timeout_s = read_timeout_s
         self.done = length == 0
@@ -98,6 +101,7 @@ class _Body(httpx.AsyncByteStream):
                 self.transport._give_back(self.key, self.conn)
             else:
                 self.conn.close()
+            self.slot.release()
 
     def _discard(self) -> None:
         self.done = False
@@ -110,9 +114,12 @@ class _Body(httpx.AsyncByteStream):
 class EngineTransport(httpx.AsyncBaseTransport):
     """HTTP/1.1 to engines over pooled keep-alive connections (plain http only)."""
 
-    def __init__(self, *, max_idle_per_host: int = MAX_IDLE_PER_HOST) -> None:
+    def __init__(self, *, max_idle_per_host: int = MAX_IDLE_PER_HOST,
+                 max_connections_per_host: int = MAX_CONNECTIONS_PER_HOST) -> None:
         self.max_idle_per_host = max_idle_per_host
+        self.max_connections_per_host = max_connections_per_host
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -122,20 +129,25 @@ class EngineTransport(httpx.AsyncBaseTransport):
         body = await request.aread()
         timeouts = request.extensions.get("timeout", {})
         head = self._head(request, body)
-        conn = self._take(key)
-        if conn is not None:
+        slot = await self._slot(key, timeouts.get("pool"))
+        try:
+            conn = self._take(key)
+            if conn is not None:
+                try:
+                    return await self._exchange(key, conn, head + body, timeouts, slot)
+                except _StaleConnection:
+                    conn.close()  # and send it again on a fresh connection
+                except BaseException:
+                    conn.close()
+                    raise
+            conn = await self._connect(key, timeouts.get("connect"))
             try:
-                return await self._exchange(key, conn, head + body, timeouts)
-            except _StaleConnection:
-                conn.close()  # and send it again on a fresh connection
+                return await self._exchange(key, conn, head + body, timeouts, slot)
             except BaseException:
                 conn.close()
                 raise
-        conn = await self._connect(key, timeouts.get("connect"))
-        try:
-            return await self._exchange(key, conn, head + body, timeouts)
         except BaseException:
-            conn.close()
+            slot.release()  # no response holds it
             raise
 
     async def aclose(self) -> None:
@@ -145,6 +157,22 @@ class EngineTransport(httpx.AsyncBaseTransport):
         self._idle.clear()
 
     # -- pool ------------------------------------------------------------------------------------
+
+    async def _slot(self, key: tuple[str, int], timeout_s: float | None) -> asyncio.Semaphore:
+        """A turn to use a connection to this engine; the response's body gives it back."""
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = asyncio.Semaphore(self.max_connections_per_host)
+        if not slot.locked():
+            await slot.acquire()  # free: returns at once
+            return slot
+        try:
+            async with asyncio.timeout(timeout_s):
+                await slot.acquire()
+        except TimeoutError as exc:
+            raise httpx.PoolTimeout(f"All {self.max_connections_per_host} connections to {key[0]}:{key[1]} "
+                                    "stayed busy.") from exc
+        return slot
 
     def _take(self, key: tuple[str, int]) -> _Connection | None:
         conns = self._idle.get(key)
@@ -194,7 +222,7 @@ class EngineTransport(httpx.AsyncBaseTransport):
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
     async def _exchange(self, key: tuple[str, int], conn: _Connection, payload: bytes,
-                        timeouts: dict) -> httpx.Response:
+                        timeouts: dict, slot: asyncio.Semaphore) -> httpx.Response:
         conn.writer.write(payload)
         try:
             async with asyncio.timeout(timeouts.get("write")):
@@ -230,7 +258,7 @@ class EngineTransport(httpx.AsyncBaseTransport):
         if not chunked and length is None:
             keep_alive = False  # the body ends with the connection
         stream = _Body(self, key, conn, length=length, chunked=bool(chunked), keep_alive=keep_alive,
-                       read_timeout_s=timeouts.get("read"))
+                       read_timeout_s=timeouts.get("read"), slot=slot)
         return httpx.Response(status, headers=headers, stream=stream, extensions={"http_version": b"HTTP/1.1"})
 
 

@@ -183,3 +183,42 @@ async def test_a_broken_answer_is_a_protocol_error(reply):
     async with ScriptedEngine(answer) as engine, client() as http:
         with pytest.raises(httpx.RemoteProtocolError):
             await http.post(engine.url + "/x", content=b"{}")
+
+
+async def test_past_the_connection_limit_requests_queue_for_a_free_connection():
+    release = asyncio.Event()
+
+    async def answer(n, writer):
+        if n == 1:
+            await release.wait()
+        writer.write(sized(b'{"n": %d}' % n))
+
+    async with ScriptedEngine(answer) as engine:
+        async with httpx.AsyncClient(transport=EngineTransport(max_connections_per_host=1), timeout=5.0) as http:
+            first = asyncio.create_task(http.post(engine.url + "/x", content=b"{}"))
+            second = asyncio.create_task(http.post(engine.url + "/x", content=b"{}"))
+            await asyncio.sleep(0.2)
+            assert engine.connections == 1 and len(engine.requests) == 1  # the second one waits
+            release.set()
+            assert (await first).json() == {"n": 1}
+            assert (await second).json() == {"n": 2}
+    assert engine.connections == 1  # handed over, not a second connection
+
+
+async def test_a_request_that_never_gets_a_connection_fails_with_a_pool_timeout():
+    async def answer(n, writer):
+        await asyncio.sleep(30)
+
+    async with ScriptedEngine(answer) as engine:
+        timeout = httpx.Timeout(5.0, pool=0.2)
+        async with httpx.AsyncClient(transport=EngineTransport(max_connections_per_host=1), timeout=timeout) as http:
+            holder = asyncio.create_task(http.post(engine.url + "/x", content=b"{}"))
+            await asyncio.sleep(0.1)
+            with pytest.raises(httpx.PoolTimeout):
+                await http.post(engine.url + "/x", content=b"{}")
+            holder.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await holder
+            # The cancelled request gave its connection back: a new one gets a turn at once.
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post(engine.url + "/x", content=b"{}", timeout=httpx.Timeout(0.3, pool=0.2))
