@@ -163,9 +163,12 @@ def _apply(model: CatalogModel, decision: planner.Placement) -> Instance:
         if existing is None:
             raise
         return existing
+    # Remember what was pushed out, so it comes back when room frees up; this model is placed now.
+    marks = redis_client().pipeline(transaction=False)
     if victims:
-        redis_client().hset(EVICTED_KEY, mapping={v.model.model_id: time.time() for v in victims})
-    redis_client().hdel(EVICTED_KEY, model.model_id)
+        marks.hset(EVICTED_KEY, mapping={v.model.model_id: time.time() for v in victims})
+    marks.hdel(EVICTED_KEY, model.model_id)
+    marks.execute()
     for victim in victims:
         instance_publish(victim)
     instance_publish(instance)
@@ -189,8 +192,6 @@ def instances_unload_idle(*, now_s: float | None = None) -> list[int]:
             unloaded.append(instance.pk)
             logger.info("unloading idle %s (no request for %.0f s)", instance, settings.PORTEN_DEMAND_WINDOW_S)
     return unloaded
-
-
 
 
 def instances_restore_evicted(*, now_s: float | None = None) -> list[int]:
