@@ -3,6 +3,10 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.porten-installed
+# llama.cpp is built from source for this machine's x86-64 (AVX2, FMA, F16C), not with -march=native:
+# some VMs advertise AMX that the guest cannot use, and a native build then crashes on the first
+# token; pip also reuses its cached wheel on whatever CPU the cache later finds itself.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 .PHONY: run test setup bench-planner
 
@@ -10,7 +14,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing Python dependencies into $(VENV) (the first time builds llama.cpp from source: 5-10 minutes)..."
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[local,test]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e '.[local,test]'
 	@touch $(STAMP)
 
 setup: $(STAMP)

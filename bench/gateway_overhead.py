@@ -4,6 +4,10 @@
     python bench/gateway_overhead.py            # stub engine (measures Porten alone) + LiteLLM peer
     python bench/gateway_overhead.py --llama    # adds a second run against real llama.cpp (Gemma 3 270M)
 
+Each table runs twice: with every process free to use every core, and with the proxy (Porten, then
+LiteLLM) on a core of its own while the load generator and the engine share the rest; the second is
+how a hub runs in production, where clients are elsewhere (bench/harness.py: layouts).
+
 LiteLLM runs from its own virtualenv (`pip install 'litellm[proxy]'` into
 ~/.cache/porten-bench/litellm-venv, or pass --litellm PATH-TO-litellm); without it the peer column is skipped.
 """
@@ -16,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import REPO, Stack, free_port, load, summary
+from harness import REPO, Stack, apply_layout, free_port, layouts, load, summary
 
 DEFAULT_LITELLM = Path.home() / ".cache/porten-bench/litellm-venv/bin/litellm"
 
@@ -24,7 +28,7 @@ DEFAULT_LITELLM = Path.home() / ".cache/porten-bench/litellm-venv/bin/litellm"
 LITELLM_KEY = "sk-porten-bench-" + "0" * 32
 
 
-def start_litellm(stack: Stack, binary: Path, upstream: str, model: str) -> str | None:
+def start_litellm(stack: Stack, binary: Path, upstream: str, model: str) -> tuple[str, int] | None:
     if not binary.exists():
         print(f"(LiteLLM not found at {binary}: peer column skipped)")
         return None
@@ -41,10 +45,10 @@ def start_litellm(stack: Stack, binary: Path, upstream: str, model: str) -> str 
         "  telemetry: false\n"
         "  drop_params: true\n"
     )
-    stack.start([str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
-                f"http://127.0.0.1:{port}/health/liveliness", LITELLM_TELEMETRY="False", LITELLM_LOG="ERROR",
-                LITELLM_MASTER_KEY=LITELLM_KEY)
-    return f"http://127.0.0.1:{port}"
+    proc = stack.start([str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+                        "--num_workers", "1"], f"http://127.0.0.1:{port}/health/liveliness", LITELLM_TELEMETRY="False",
+                       LITELLM_LOG="ERROR", LITELLM_MASTER_KEY=LITELLM_KEY)
+    return f"http://127.0.0.1:{port}", proc.pid
 
 
 def run_table(title: str, targets: dict[str, tuple[str, str | None]], model: str, plan: list[tuple[bool, int, int]],
@@ -87,13 +91,18 @@ def main() -> None:
         key = stack.api_key()
         direct = f"http://127.0.0.1:{stub_port}"
         targets = {"direct": (direct, None), "porten": (hub, key)}
+        proxies = [stack.hub.pid]
         litellm = start_litellm(stack, args.litellm, direct, "stub-model")
         if litellm:
-            targets["litellm"] = (litellm, LITELLM_KEY)  # both proxies check a key
-        print("Stub engine: 16 tokens, 2 ms apart (about 32 ms per answer); 2-core machine, client, hub and "
-              "engine share it.")
+            targets["litellm"] = (litellm[0], LITELLM_KEY)  # both proxies check a key
+            proxies.append(litellm[1])
+        print(f"Stub engine: 16 tokens, 2 ms apart (about 32 ms per answer); {os.cpu_count()} cores for the load "
+              "generator, the engine and the proxy (Porten or LiteLLM), in each layout below.")
         plan = [(False, 1, 200), (False, 32, args.requests), (True, 1, 200), (True, 32, args.requests)]
-        run_table("stub engine", targets, "stub-model", plan, max_tokens=16)
+        for layout_name, layout in layouts(proxies):
+            apply_layout(layout)
+            run_table(f"stub engine, {layout_name}", targets, "stub-model", plan, max_tokens=16)
+        apply_layout(layouts(proxies)[0][1])
 
         if args.llama:
             sys.path.insert(0, str(REPO))
@@ -114,8 +123,10 @@ def main() -> None:
                 print("\nllama.cpp (llama-cpp-python server), Gemma 3 270M on the CPU, 8 tokens per answer:")
                 # Not streaming with several clients: llama-cpp-python's server hangs on concurrent
                 # streams even when called directly (seen with 0.3.36), so that row measures nothing.
-                run_table("llama.cpp", llama_targets, "gemma-3-270m",
-                          [(False, 1, 30), (False, 4, 30), (True, 1, 30)], max_tokens=8)
+                for layout_name, layout in layouts([stack.hub.pid]):
+                    apply_layout(layout)
+                    run_table(f"llama.cpp, {layout_name}", llama_targets, "gemma-3-270m",
+                              [(False, 1, 30), (False, 4, 30), (True, 1, 30)], max_tokens=8)
             finally:
                 stop_engine(proc.pid)
     finally:

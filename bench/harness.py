@@ -35,6 +35,38 @@ def wait_http(url: str, timeout_s: float = 30) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def set_cpus(pid: int, cpus: set[int]) -> None:
+    """Run every thread of process `pid`, and of its child processes, on `cpus` only."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+            children = Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+        except (ProcessLookupError, FileNotFoundError):
+            continue  # the thread ended meanwhile
+        for child in children:
+            set_cpus(int(child), cpus)
+
+
+def layouts(proxies: list[int]) -> list[tuple[str, dict[int, set[int]]]]:
+    """The CPU layouts a proxy is measured in, as (name, {pid: cpus}):
+    - shared: the load generator, the engine and the proxy compete for every core, as on a laptop;
+    - proxy alone: the proxy (`proxies`, each in turn) gets the last core to itself, the load generator
+      and the engine share the others, as in production, where clients are elsewhere and the hub has
+      its own cores. This bench process is the load generator, and the engine runs as its child."""
+    everything = set(range(os.cpu_count() or 1))
+    found = [("shared cores", {os.getpid(): everything})]
+    if len(everything) >= 2:
+        proxy_cpu = {max(everything)}
+        found.append(("proxy on a core of its own", {os.getpid(): everything - proxy_cpu,
+                                                      **{pid: proxy_cpu for pid in proxies}}))
+    return found
+
+
+def apply_layout(layout: dict[int, set[int]]) -> None:
+    for pid, cpus in layout.items():  # this process (and its children) first, then the proxies
+        set_cpus(pid, cpus)
+
+
 class Stack:
     """Redis + a migrated SQLite database + (on demand) a daphne hub, all private to one bench run."""
 
@@ -59,7 +91,7 @@ class Stack:
     def start_hub(self) -> str:
         port = free_port()
         log = open(self.workdir / "daphne.log", "ab")
-        self.hub = subprocess.Popen([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+        self.hub = subprocess.Popen([sys.executable, "-m", "porten.serve", "-b", "127.0.0.1", "-p", str(port),
                                      "porten.asgi:application"], cwd=REPO, env=self.env, stdout=log, stderr=log)
         self.procs.append(self.hub)
         url = f"http://127.0.0.1:{port}"

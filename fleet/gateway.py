@@ -25,7 +25,7 @@ from .inflight import tally
 from .live import warming_state
 from .models import ACTIVE_PHASES, Instance, Phase
 from .placement import PlacementError, instance_ensure, node_online, node_stale_s
-from .upstream import EngineTransport
+from .upstream import EngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,7 @@ def upstream_client() -> httpx.AsyncClient:
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
     if client is None:
-        client = httpx.AsyncClient(
-            transport=EngineTransport(),
-            timeout=httpx.Timeout(settings.PORTEN_UPSTREAM_TIMEOUT_S, connect=5.0),
-            trust_env=False,
-        )
+        client = EngineClient(timeout=httpx.Timeout(settings.PORTEN_UPSTREAM_TIMEOUT_S, connect=5.0))
         _clients[loop] = client
     return client
 

@@ -14,6 +14,7 @@ where the same exchange over asyncio streams costs 0.04 ms. What it does:
 - httpx's timeouts (connect, read, write) and its exceptions, so callers catch
   `httpx.TransportError` as before. Closing a response early, or cancelling the task reading
   it, closes the connection: the engine sees the client go away and stops generating.
+EngineClient is the `httpx.AsyncClient` the gateway uses over it, without a cookie jar.
 """
 from __future__ import annotations
 
@@ -280,3 +281,31 @@ def _parse_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
     except ValueError as exc:
         raise httpx.RemoteProtocolError(f"The engine's answer is not HTTP/1.1: {lines[0][:80]!r}") from exc
     return code, headers
+
+
+class _NoCookies(httpx.Cookies):
+    def extract_cookies(self, response: httpx.Response) -> None:
+        pass
+
+
+_NO_COOKIES = _NoCookies()
+
+
+class EngineClient(httpx.AsyncClient):
+    """`httpx.AsyncClient` over EngineTransport, with no cookie jar.
+
+    One client serves every caller of the hub, so a cookie an engine set for one request would ride
+    along on everyone else's. Engines set none; the jar only cost time: httpx builds urllib request
+    and response copies of every exchange to look for Set-Cookie (about 5 % of the hub's CPU per call)."""
+
+    def __init__(self, *, transport: EngineTransport | None = None, **kwargs) -> None:
+        super().__init__(transport=transport or EngineTransport(), trust_env=False, **kwargs)
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return _NO_COOKIES
+
+    @cookies.setter
+    def cookies(self, cookies) -> None:
+        if cookies:
+            raise ValueError("the engine client keeps no cookies")

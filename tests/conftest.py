@@ -73,7 +73,7 @@ def live_hub(django_db_setup, django_db_blocker, tmp_path_factory):
     log = tmp_path_factory.mktemp("hub") / "daphne.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "porten.asgi:application"],
+            [sys.executable, "-m", "porten.serve", "-b", "127.0.0.1", "-p", str(port), "porten.asgi:application"],
             # Aging at 2 s (10 s by default) keeps the starvation test short.
             cwd=REPO_ROOT, env=service_env(PORTEN_BUSY_AGING_S="2"), stdout=out, stderr=subprocess.STDOUT,
         )

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from fleet.upstream import EngineTransport
+from fleet.upstream import EngineClient, EngineTransport
 
 
 class ScriptedEngine:
@@ -57,7 +57,7 @@ def chunk(data: bytes) -> bytes:
 
 
 def client(**timeouts) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=EngineTransport(), timeout=httpx.Timeout(timeouts.get("read", 5.0), connect=2.0))
+    return EngineClient(timeout=httpx.Timeout(timeouts.get("read", 5.0), connect=2.0))
 
 
 async def test_answers_are_read_by_length_and_the_connection_is_kept_alive():
@@ -75,6 +75,19 @@ async def test_answers_are_read_by_length_and_the_connection_is_kept_alive():
     head, body = first.split(b"\r\n\r\n", 1)
     assert json.loads(body) == {"model": "m", "n": 1}
     assert b"\r\nContent-Length: %d" % len(body) in head
+
+
+async def test_a_cookie_an_engine_sets_for_one_caller_never_rides_on_the_next_request():
+    async def answer(n, writer):
+        writer.write(sized(b'{"n": %d}' % n, b"Set-Cookie: session=caller-one; Path=/\r\n"))
+
+    async with ScriptedEngine(answer) as engine, client() as http:
+        first = await http.post(engine.url + "/v1/chat/completions", content=b"{}")
+        assert first.headers["set-cookie"].startswith("session=caller-one")
+        await http.post(engine.url + "/v1/chat/completions", content=b"{}")
+    assert b"cookie" not in engine.requests[1].lower()
+    with pytest.raises(ValueError):
+        EngineClient().cookies = {"session": "x"}
 
 
 async def test_a_chunked_stream_arrives_chunk_by_chunk_before_the_engine_finishes():
@@ -194,7 +207,7 @@ async def test_past_the_connection_limit_requests_queue_for_a_free_connection():
         writer.write(sized(b'{"n": %d}' % n))
 
     async with ScriptedEngine(answer) as engine:
-        async with httpx.AsyncClient(transport=EngineTransport(max_connections_per_host=1), timeout=5.0) as http:
+        async with EngineClient(transport=EngineTransport(max_connections_per_host=1), timeout=5.0) as http:
             first = asyncio.create_task(http.post(engine.url + "/x", content=b"{}"))
             second = asyncio.create_task(http.post(engine.url + "/x", content=b"{}"))
             await asyncio.sleep(0.2)
@@ -211,7 +224,7 @@ async def test_a_request_that_never_gets_a_connection_fails_with_a_pool_timeout(
 
     async with ScriptedEngine(answer) as engine:
         timeout = httpx.Timeout(5.0, pool=0.2)
-        async with httpx.AsyncClient(transport=EngineTransport(max_connections_per_host=1), timeout=timeout) as http:
+        async with EngineClient(transport=EngineTransport(max_connections_per_host=1), timeout=timeout) as http:
             holder = asyncio.create_task(http.post(engine.url + "/x", content=b"{}"))
             await asyncio.sleep(0.1)
             with pytest.raises(httpx.PoolTimeout):
