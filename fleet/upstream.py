@@ -43,6 +43,51 @@ class _Connection:
         self.writer.close()
 
 
+class _Chunks:
+    """Decodes chunked transfer-coding as bytes arrive. Every chunk already here comes out in one
+    piece: a hub that fell behind on a stream (32 streams at once, say) catches up with one write
+    to its caller instead of one per token, and a hub that keeps up passes each chunk on alone."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.finished = False
+
+    def feed(self, data: bytes) -> bytes:
+        """The data of every whole chunk received so far and not yet returned (b"" if none)."""
+        buf = self.buffer
+        buf += data
+        parts, pos = [], 0
+        while not self.finished:
+            line_end = buf.find(b"\r\n", pos)
+            if line_end < 0:
+                if len(buf) - pos > MAX_HEAD_BYTES:
+                    raise ValueError("chunk size line too long")
+                break
+            size = int(bytes(buf[pos:line_end]).split(b";", 1)[0], 16)
+            if size < 0:
+                raise ValueError(f"negative chunk size {size}")
+            start = line_end + 2
+            if size == 0:  # the last chunk, then trailer lines up to an empty one
+                if buf[start:start + 2] == b"\r\n":
+                    pos, self.finished = start + 2, True
+                    break
+                trailers_end = buf.find(b"\r\n\r\n", start)
+                if trailers_end < 0:
+                    if len(buf) - start > MAX_HEAD_BYTES:
+                        raise ValueError("chunked trailers too long")
+                    break
+                pos, self.finished = trailers_end + 4, True
+                break
+            if len(buf) < start + size + 2:
+                break
+            if buf[start + size:start + size + 2] != b"\r\n":
+                raise ValueError("a chunk is not followed by CRLF")
+            parts.append(bytes(buf[start:start + size]))
+            pos = start + size + 2
+        del buf[:pos]
+        return b"".join(parts)
+
+
 class _Body(httpx.AsyncByteStream):
     """A response body read straight off the connection, then handed back to the pool."""
 
@@ -84,16 +129,18 @@ class _Body(httpx.AsyncByteStream):
 
     async def _chunked(self) -> AsyncIterator[bytes]:
         reader = self.conn.reader
-        while True:
+        chunks = _Chunks()
+        while not chunks.finished:
             async with asyncio.timeout(self.read_timeout_s):
-                size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0].strip(), 16)
-                if size == 0:
-                    while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                        pass  # trailers
-                    self.done = True
-                    return
-                data = await reader.readexactly(size + 2)
-            yield data[:-2]
+                data = await reader.read(READ_SIZE)
+            if not data:
+                raise asyncio.IncompleteReadError(bytes(chunks.buffer), None)
+            part = chunks.feed(data)
+            if part:
+                yield part
+        if chunks.buffer:
+            self.keep_alive = False  # bytes past the end of the answer: do not reuse the connection
+        self.done = True
 
     def _release(self) -> None:
         if not self.released:

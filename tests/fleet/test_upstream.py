@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from fleet.upstream import EngineClient, EngineTransport
+from fleet.upstream import EngineClient, EngineTransport, _Chunks
 
 
 class ScriptedEngine:
@@ -109,6 +109,51 @@ async def test_a_chunked_stream_arrives_chunk_by_chunk_before_the_engine_finishe
         again = await http.post(engine.url + "/v1/completions", json={"stream": True})
         assert again.content == b"data: first\n\ndata: second\n\n"
     assert engine.connections == 1  # read to the end, so reused
+
+
+CHUNKED = chunk(b"data: one\n\n") + b"b;ext=1\r\ndata: two\n\n\r\n" + chunk(b"x" * 300) + b"0\r\nX-Trailer: t\r\n\r\n"
+
+
+def test_chunked_coding_fed_a_byte_at_a_time_decodes_to_the_same_data():
+    decoder, out = _Chunks(), b""
+    for i in range(len(CHUNKED)):
+        out += decoder.feed(CHUNKED[i:i + 1])
+    assert out == b"data: one\n\ndata: two\n\n" + b"x" * 300
+    assert decoder.finished and not decoder.buffer
+    whole = _Chunks()
+    assert whole.feed(CHUNKED) == out and whole.finished  # all at once: one piece
+
+
+@pytest.mark.parametrize("broken", [b"5\r\nhelloXX", b"-5\r\nhello\r\n", b"zz\r\n", b"1" * 70_000])
+def test_broken_chunked_coding_is_refused(broken):
+    with pytest.raises(ValueError):
+        _Chunks().feed(broken)
+
+
+async def test_chunks_that_arrived_together_are_passed_on_in_one_piece():
+    async def answer(n, writer):
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        writer.write(head + chunk(b"data: a\n\n") + chunk(b"data: b\n\n") + chunk(b"data: c\n\n"))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(chunk(b"data: d\n\n") + b"0\r\n\r\n")
+
+    async with ScriptedEngine(answer) as engine, client() as http:
+        for _ in range(2):
+            async with http.stream("POST", engine.url + "/v1/completions", json={"stream": True}) as response:
+                parts = [p async for p in response.aiter_raw()]
+            assert parts == [b"data: a\n\ndata: b\n\ndata: c\n\n", b"data: d\n\n"]
+    assert engine.connections == 1  # read to the end, so reused
+
+
+async def test_bytes_past_the_end_of_a_chunked_answer_keep_the_connection_from_reuse():
+    async def answer(n, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(b"%d" % n) + b"0\r\n\r\nJUNK")
+
+    async with ScriptedEngine(answer) as engine, client() as http:
+        assert (await http.post(engine.url + "/x", content=b"{}")).content == b"1"
+        assert (await http.post(engine.url + "/x", content=b"{}")).content == b"2"
+    assert engine.connections == 2
 
 
 async def test_a_body_ended_by_closing_the_connection_is_read_whole_and_not_reused():
