@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
@@ -254,11 +255,18 @@ class _Accounting:
             tally().leave(self.instance_id)
 
 
+@functools.lru_cache(maxsize=4096)
+def _engine_url(base_url: str, path: str) -> httpx.URL:
+    # Parsed once per engine and path: httpx parses a str URL again on every call, about 30 % of
+    # the time its client layer takes per request (measured with a transport that does nothing).
+    return httpx.URL(base_url + path)
+
+
 async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model_id: str,
                 count_served: bool = False) -> HttpResponse:
     """Forward the caller's (validated) body to the engine as it came. With `count_served`, the
     request also counts as served demand."""
-    url = route.base_url + path
+    url = _engine_url(route.base_url, path)
     headers = {"Content-Type": "application/json"}
     client = upstream_client()
     accounting = _Accounting(route.instance_id, model_id if count_served else None)
