@@ -39,7 +39,7 @@ fi
 "$PY" manage.py migrate --noinput -v0
 "$PY" manage.py porten_setup
 
-.venv/bin/python -m porten.serve -b 127.0.0.1 -p "$PORTEN_PORT" porten.asgi:application &
+"$PY" -m porten.serve -b 127.0.0.1 -p "$PORTEN_PORT" porten.asgi:application &
 pids+=($!)
 "$PY" manage.py node_worker --hub &
 pids+=($!)
