@@ -10,6 +10,15 @@ A large multipart upload was also parsed in memory before Django's size limit co
 Twisted's Request has a switch for this (parsePOSTFormSubmission); daphne does not pass it.
 Twisted's HTTPFactory also formats a second access-log line per request into its own log, which
 nothing here reads: daphne writes the access log operators see.
+
+Twisted also sends every write the slow way: it registers the socket with epoll, waits for the next
+loop turn to hear it is writable, sends, and unregisters it (two epoll_ctl calls, a loop wake-up and
+a logging context per write). A stream writes once per token, so that was the largest single cost
+per streamed chunk. Here each ASGI message daphne writes is sent as soon as daphne has written it
+(headers and body of one message in one send), and any other write at the end of the loop turn; only
+what the socket will not take waits for epoll, with Twisted's back-pressure. Accepted sockets also
+get TCP_NODELAY, as asyncio gives every TCP socket: a token must not wait for the client to
+acknowledge the one before.
 """
 from __future__ import annotations
 
@@ -33,8 +42,66 @@ def _lean_daphne() -> None:
     server.HTTPFactory = HTTPFactory
 
 
+def _prompt_server() -> None:
+    from twisted.internet import tcp
+    from twisted.python import log
+
+    class PromptServer(tcp.Server):
+        """An accepted TCP connection that sends what it is given without waiting for epoll."""
+
+        _send_due = False
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.setTcpNoDelay(True)
+
+        def write(self, data: bytes) -> None:
+            if self.TLS:  # TLS started on this socket (daphne's ssl: endpoints wrap the protocol instead)
+                return super().write(data)
+            if not self.connected or self._writeDisconnected or not data:
+                return
+            self._tempDataBuffer.append(data)
+            self._tempDataLen += len(data)
+            self._maybePauseProducer()
+            self._send_soon()
+
+        def writeSequence(self, iovec) -> None:
+            if self.TLS:
+                return super().writeSequence(iovec)
+            if not self.connected or self._writeDisconnected or not iovec:
+                return
+            self._tempDataBuffer.extend(iovec)
+            self._tempDataLen += sum(map(len, iovec))
+            self._maybePauseProducer()
+            self._send_soon()
+
+        def _send_soon(self) -> None:
+            if not self._send_due and self not in self.reactor._writers:
+                self._send_due = True
+                self.reactor._asyncioEventloop.call_soon(self.send_now)
+
+        def send_now(self) -> None:
+            """Send what is buffered; what the socket will not take now waits for epoll."""
+            self._send_due = False
+            pending = self._tempDataLen or len(self.dataBuffer) - self.offset
+            if not pending or not self.connected or self in self.reactor._writers:
+                return
+            try:
+                why = self.doWrite()  # what the reactor calls once epoll says writable
+            except Exception as exc:
+                log.err(None, "sending on a connection")
+                why = exc
+            if why:
+                self.reactor._disconnectSelectable(self, why, False)
+            elif self._tempDataLen or self.offset < len(self.dataBuffer):
+                self.startWriting()
+
+    tcp.Port.transport = PromptServer
+
+
 def main(argv: list[str] | None = None) -> None:
     _lean_daphne()
+    _prompt_server()
     from daphne.cli import CommandLineInterface
 
     CommandLineInterface().run(sys.argv[1:] if argv is None else argv)

@@ -1,6 +1,7 @@
 """The hub launcher (python -m porten.serve): daphne with Twisted's unused form parsing and its
-second access log turned off, checked in a fresh interpreter as the launcher runs; and a live hub started
-through it answers form bodies with a clear 400."""
+second access log turned off, and connections that send without waiting for epoll, checked in a
+fresh interpreter as the launcher runs; and a live hub started through it answers form bodies with a
+clear 400."""
 import subprocess
 import sys
 import textwrap
@@ -37,6 +38,84 @@ def test_the_launcher_turns_off_form_parsing_and_twisteds_access_log():
     result = subprocess.run([sys.executable, "-c", CHECK], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "lean"
+
+
+PROMPT_CHECK = textwrap.dedent("""
+    import asyncio
+
+    from twisted.internet import asyncioreactor
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    asyncioreactor.install(loop)
+    from twisted.internet import protocol, reactor
+
+    from porten.serve import _prompt_server
+
+    _prompt_server()
+    accepted, lost = [], []
+
+    class Peer(protocol.Protocol):
+        def connectionMade(self):
+            accepted.append(self.transport)
+
+        def connectionLost(self, reason):
+            lost.append(reason.type.__name__)
+
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(Peer), interface="127.0.0.1")
+
+    async def accept():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port.getHost().port)
+        while len(accepted) < len(lost) + 1:
+            await asyncio.sleep(0.01)
+        return reader, writer, accepted[-1]
+
+    async def main():
+        reader, writer, server = await accept()
+        assert type(server).__name__ == "PromptServer" and server.getTcpNoDelay()
+
+        # Small writes in one turn go out in one send, without registering the socket with epoll.
+        server.write(b"a")
+        server.writeSequence([b"b", b"c"])
+        assert await asyncio.wait_for(reader.readexactly(3), 5) == b"abc"
+        assert server not in reactor._writers
+
+        # More than the socket takes: the rest waits for epoll and arrives whole and in order.
+        big = bytes(range(256)) * 32 * 1024
+        server.write(big)
+        server.write(b"end")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert server in reactor._writers, "the unsent rest should wait for epoll"
+        assert await asyncio.wait_for(reader.readexactly(len(big) + 3), 10) == big + b"end"
+        await asyncio.sleep(0.05)
+        assert server not in reactor._writers
+
+        # A last write, then close: it is sent before the connection closes.
+        server.write(b"bye")
+        server.loseConnection()
+        assert await asyncio.wait_for(reader.read(), 5) == b"bye"
+        writer.close()
+
+        # Writing to a client that went away loses the connection cleanly.
+        reader, writer, server = await accept()
+        writer.transport.abort()
+        await asyncio.sleep(0.05)
+        for _ in range(3):
+            server.write(b"x" * 100_000)
+            await asyncio.sleep(0.05)
+        assert lost[-1] in ("ConnectionLost", "ConnectionDone"), lost
+        print("prompt")
+
+    loop.run_until_complete(main())
+""")
+
+
+def test_hub_connections_send_at_once_and_keep_back_pressure_and_closing_right():
+    result = subprocess.run([sys.executable, "-c", PROMPT_CHECK], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "prompt"
 
 
 @pytest.mark.django_db(transaction=True)
