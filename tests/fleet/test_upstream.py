@@ -90,6 +90,50 @@ async def test_a_cookie_an_engine_sets_for_one_caller_never_rides_on_the_next_re
         EngineClient().cookies = {"session": "x"}
 
 
+async def test_engines_are_asked_for_unencoded_answers_so_streams_pass_through_as_they_came():
+    async def answer(n, writer):
+        writer.write(sized(b"{}"))
+
+    async with ScriptedEngine(answer) as engine, client() as http:
+        await http.post(engine.url + "/v1/chat/completions", content=b"{}")
+    assert b"\r\nAccept-Encoding: identity\r\n" in engine.requests[0]
+
+
+async def test_transport_errors_name_the_request_they_belong_to():
+    async with ScriptedEngine(None) as engine:
+        url = engine.url + "/v1/completions"
+    async with client() as http:
+        with pytest.raises(httpx.ConnectError) as raised:
+            await http.post(url, content=b"{}")
+    assert str(raised.value.request.url) == url
+
+
+async def test_a_client_with_hooks_or_auth_still_gets_them():
+    async def answer(n, writer):
+        writer.write(sized(b'{"n": %d}' % n))
+
+    seen = []
+
+    async def on_response(response):
+        seen.append(response.status_code)
+
+    async with ScriptedEngine(answer) as engine:
+        async with EngineClient(event_hooks={"response": [on_response]}) as http:
+            assert (await http.post(engine.url + "/x", content=b"{}")).json() == {"n": 1}
+        async with EngineClient(auth=("user", "secret")) as http:
+            await http.post(engine.url + "/x", content=b"{}")
+    assert seen == [200]
+    assert b"\r\nAuthorization: Basic " in engine.requests[1]
+    assert b"authorization" not in engine.requests[0].lower()
+
+
+async def test_a_closed_client_refuses_to_send():
+    http = client()
+    await http.aclose()
+    with pytest.raises(RuntimeError):
+        await http.post("http://127.0.0.1:9/x", content=b"{}")
+
+
 async def test_a_chunked_stream_arrives_chunk_by_chunk_before_the_engine_finishes():
     release = asyncio.Event()
 

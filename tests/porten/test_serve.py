@@ -118,6 +118,31 @@ def test_hub_connections_send_at_once_and_keep_back_pressure_and_closing_right()
     assert result.stdout.strip() == "prompt"
 
 
+HEAP_CHECK = textwrap.dedent("""
+    import gc
+
+    from daphne import cli
+
+    from porten import serve
+
+    def run(self, argv):  # what daphne's run does first, without serving
+        self.application = self.load_asgi_app(argv[-1])
+
+    cli.CommandLineInterface.run = run
+    assert gc.get_freeze_count() == 0
+    serve.main(["porten.asgi:application"])
+    assert gc.get_freeze_count() > 50_000, gc.get_freeze_count()  # Django, the URLconf, Twisted...
+    assert gc.get_threshold() == serve.GC_THRESHOLD
+    print("settled")
+""")
+
+
+def test_the_launcher_freezes_the_loaded_application_out_of_the_cycle_collectors_way():
+    result = subprocess.run([sys.executable, "-c", HEAP_CHECK], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "settled"
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("form", ["urlencoded", "multipart"])
 def test_a_form_body_on_the_live_hub_is_a_clear_400(live_hub, api_key, form):

@@ -1,0 +1,42 @@
+"""The lean ASGI handler for /v1 calls, driven the way daphne drives it."""
+import asyncio
+import gc
+
+from django.core.handlers.asgi import ASGIRequest
+from django.http.response import HttpResponseBase
+
+from porten.gateway_handler import GatewayASGIHandler
+
+
+async def call(handler, body: bytes = b"{}") -> list[dict]:
+    """One POST /v1/chat/completions; like daphne, the app hears http.disconnect once the answer is sent."""
+    inbox: asyncio.Queue = asyncio.Queue()
+    inbox.put_nowait({"type": "http.request", "body": body, "more_body": False})
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            inbox.put_nowait({"type": "http.disconnect"})
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 5000),
+             "server": ("127.0.0.1", 8000)}
+    await asyncio.wait_for(handler(scope, inbox.get, send), timeout=10)
+    return sent
+
+
+async def test_a_request_leaves_no_reference_cycles_for_the_garbage_collector():
+    handler = GatewayASGIHandler()
+    await call(handler)  # first-call caches (URL resolving) are not per-request garbage
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        answers = [await call(handler) for _ in range(3)]
+        gc.collect()
+        cyclic = [type(o).__name__ for o in gc.garbage if isinstance(o, (ASGIRequest, HttpResponseBase, BaseException))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert [answer[0]["status"] for answer in answers] == [401, 401, 401]  # no key: the view answered
+    assert cyclic == [], "each request left a cycle the collector had to find"
