@@ -1,11 +1,14 @@
 """What Porten adds to a request: the same requests straight to an engine and through Porten
-(and through LiteLLM's proxy, the peer), non-streaming and streaming, at 1 and 32 clients.
+(and through LiteLLM's proxy, the peer, and a bare byte relay, the floor), non-streaming and streaming, at 1 and 32 clients.
 
     python bench/gateway_overhead.py            # stub engine (measures Porten alone) + LiteLLM peer
     python bench/gateway_overhead.py --llama    # adds a second run against real llama.cpp (Gemma 3 270M)
 
-Each table runs twice: with every process free to use every core, and with the proxy (Porten, then
-LiteLLM) on a core of its own while the load generator and the engine share the rest; the second is
+Each table also measures bench/byte_pipe.py, a relay that only copies bytes: what it adds is the
+cost of one more process and hop on this machine, the floor under any proxy's figure.
+
+Each table runs twice: with every process free to use every core, and with the proxy (the pipe,
+Porten, LiteLLM, measured one at a time) on a core of its own while the load generator and the engine share the rest; the second is
 how a hub runs in production, where clients are elsewhere (bench/harness.py: layouts).
 
 LiteLLM runs from its own virtualenv (`pip install 'litellm[proxy]'` into
@@ -90,14 +93,17 @@ def main() -> None:
         hub = stack.start_hub()
         key = stack.api_key()
         direct = f"http://127.0.0.1:{stub_port}"
-        targets = {"direct": (direct, None), "porten": (hub, key)}
-        proxies = [stack.hub.pid]
+        pipe_port = free_port()
+        pipe = stack.start([sys.executable, str(REPO / "bench/byte_pipe.py"), "--upstream-port", str(stub_port),
+                            "--port", str(pipe_port)], f"http://127.0.0.1:{pipe_port}/health")
+        targets = {"direct": (direct, None), "pipe": (f"http://127.0.0.1:{pipe_port}", None), "porten": (hub, key)}
+        proxies = [pipe.pid, stack.hub.pid]
         litellm = start_litellm(stack, args.litellm, direct, "stub-model")
         if litellm:
             targets["litellm"] = (litellm[0], LITELLM_KEY)  # both proxies check a key
             proxies.append(litellm[1])
         print(f"Stub engine: 16 tokens, 2 ms apart (about 32 ms per answer); {os.cpu_count()} cores for the load "
-              "generator, the engine and the proxy (Porten or LiteLLM), in each layout below.")
+              "generator, the engine and the proxy (the pipe, Porten or LiteLLM), in each layout below.")
         plan = [(False, 1, 200), (False, 32, args.requests), (True, 1, 200), (True, 32, args.requests)]
         for layout_name, layout in layouts(proxies):
             apply_layout(layout)
