@@ -29,6 +29,24 @@ GATEWAY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 RECYCLE_CONNECTIONS_S = 5.0
 
 
+class _Call:
+    """One call's task, cancelled if its client disconnects before the answer is sent. Outcomes are
+    read off the listener, never raised here: a raised exception's traceback would hold the frame
+    that holds the tasks that hold the exception, a cycle (with the request and response in it) per
+    call that only the cyclic garbage collector could free. Django's own handler leaves one."""
+
+    __slots__ = ("task", "over", "cancelled_for_disconnect")
+
+    def __init__(self, task: asyncio.Task) -> None:
+        self.task, self.over, self.cancelled_for_disconnect = task, False, False
+
+    def client_left(self, listener: asyncio.Task) -> None:
+        if listener.cancelled() or not isinstance(listener.exception(), RequestAborted) or self.over:
+            return  # cancelled by us once the answer was sent, or the disconnect came after it
+        self.cancelled_for_disconnect = True
+        self.task.cancel()
+
+
 class GatewayASGIHandler(ASGIHandler):
     def __init__(self) -> None:
         super().__init__()
@@ -65,33 +83,23 @@ class GatewayASGIHandler(ASGIHandler):
             await self.send_response(error_response, send)
             return
 
-        async def process_request():
-            response = await self.run_get_response(request)
-            try:
-                await self.send_response(response, send)
-            except asyncio.CancelledError:
-                pass  # the client went away while we sent
-            return response
-
-        # As in Django: a client disconnect cancels the view (and so the upstream stream).
+        # As in Django, a client disconnect cancels the view (and so the upstream request), but the
+        # view runs in this task rather than a second one: one task and one loop turn less per call.
+        call = _Call(asyncio.current_task())
         listener = asyncio.create_task(self.listen_for_disconnect(receive))
-        processor = asyncio.create_task(process_request())
-        await asyncio.wait([listener, processor], return_when=asyncio.FIRST_COMPLETED)
-        pending = [task for task in (listener, processor) if not task.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
-        # Look at the outcomes without raising them here: a raised exception's traceback holds this
-        # frame, which holds the tasks, which hold the exception, a cycle per request (with the
-        # request and response in it) that only the cyclic garbage collector could free.
-        for task in (listener, processor):
-            if not task.cancelled() and (error := task.exception()) is not None \
-                    and not isinstance(error, RequestAborted):
-                body_file.close()
-                raise error
-        body_file.close()
-        await self._recycle_connections()
+        listener.add_done_callback(call.client_left)
+        try:
+            response = await self.run_get_response(request)
+            await self.send_response(response, send)
+            await self._recycle_connections()
+        except asyncio.CancelledError:
+            if not call.cancelled_for_disconnect:
+                raise  # the server is stopping
+            call.task.uncancel()  # the client went away: nothing is left to answer
+        finally:
+            call.over = True
+            listener.cancel()
+            body_file.close()
 
     async def _recycle_connections(self) -> None:
         now = time.monotonic()

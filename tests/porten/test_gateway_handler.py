@@ -2,6 +2,8 @@
 import asyncio
 import gc
 
+import pytest
+
 from django.core.handlers.asgi import ASGIRequest
 from django.http.response import HttpResponseBase
 
@@ -40,3 +42,48 @@ async def test_a_request_leaves_no_reference_cycles_for_the_garbage_collector():
         gc.garbage.clear()
     assert [answer[0]["status"] for answer in answers] == [401, 401, 401]  # no key: the view answered
     assert cyclic == [], "each request left a cycle the collector had to find"
+
+
+class SlowViewHandler(GatewayASGIHandler):
+    """The handler with a view that never answers, noting when it is cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started, self.cancelled = asyncio.Event(), False
+
+    async def run_get_response(self, request):
+        self.started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+
+def _slow_call(handler, inbox: asyncio.Queue, sent: list):
+    inbox.put_nowait({"type": "http.request", "body": b"{}", "more_body": False})
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"", "headers": []}
+    return asyncio.create_task(handler(scope, inbox.get, send))
+
+
+async def test_a_client_disconnect_cancels_the_view_and_ends_the_call_quietly():
+    handler, inbox, sent = SlowViewHandler(), asyncio.Queue(), []
+    call = _slow_call(handler, inbox, sent)
+    await asyncio.wait_for(handler.started.wait(), 5)
+    inbox.put_nowait({"type": "http.disconnect"})
+    await asyncio.wait_for(call, 5)  # returns, raises nothing
+    assert handler.cancelled and sent == []
+
+
+async def test_a_server_stopping_cancels_the_call_and_the_cancellation_goes_on_up():
+    handler, inbox, sent = SlowViewHandler(), asyncio.Queue(), []
+    call = _slow_call(handler, inbox, sent)
+    await asyncio.wait_for(handler.started.wait(), 5)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, 5)
+    assert handler.cancelled and sent == []
