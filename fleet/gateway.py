@@ -51,11 +51,11 @@ class WarmupFailed(Exception):
 
 # --- upstream client and route cache, one per event loop ---------------------------------------
 
-_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]" = weakref.WeakKeyDictionary()
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EngineClient]" = weakref.WeakKeyDictionary()
 _routes: dict[str, tuple[float, Route]] = {}
 
 
-def upstream_client() -> httpx.AsyncClient:
+def upstream_client() -> EngineClient:
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
     if client is None:
@@ -266,13 +266,12 @@ async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model_
                 count_served: bool = False) -> HttpResponse:
     """Forward the caller's (validated) body to the engine as it came. With `count_served`, the
     request also counts as served demand."""
-    url = _engine_url(route.base_url, path)
-    headers = {"Content-Type": "application/json"}
     client = upstream_client()
+    request = client.json_request(_engine_url(route.base_url, path), payload)
     accounting = _Accounting(route.instance_id, model_id if count_served else None)
     if not stream:
         try:
-            upstream = await client.post(url, content=payload, headers=headers)
+            upstream = await client.send(request)
         except httpx.TransportError:
             return _engine_gone(model_id)
         finally:
@@ -284,7 +283,7 @@ async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model_
         return response
 
     try:
-        upstream = await client.send(client.build_request("POST", url, content=payload, headers=headers), stream=True)
+        upstream = await client.send(request, stream=True)
     except httpx.TransportError:
         accounting.close()
         return _engine_gone(model_id)
@@ -301,7 +300,7 @@ async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model_
         # Closing the upstream response (also when the client goes away and Django cancels us)
         # cancels the generation on the engine.
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.stream:  # the engine's bytes as they come (EngineClient asks for no encoding)
                 yield chunk
         finally:
             await upstream.aclose()

@@ -366,6 +366,14 @@ class EngineClient(httpx.AsyncClient):
         if cookies:
             raise ValueError("the engine client keeps no cookies")
 
+    def json_request(self, url: httpx.URL, payload: bytes) -> httpx.Request:
+        """A POST of a JSON body, as `build_request` makes it (the client's headers and timeout),
+        without merging the cookies, params and URL a call to an engine never has."""
+        headers = httpx.Headers(self.headers)
+        headers["Content-Type"] = "application/json"
+        return httpx.Request("POST", url, content=payload, headers=headers,
+                             extensions={"timeout": self.timeout.as_dict()})
+
     def _plain_send(self, auth, follow_redirects) -> bool:
         return ((auth is None or isinstance(auth, UseClientDefault)) and self._auth is None
                 and follow_redirects is not True and not self.follow_redirects

@@ -16,9 +16,11 @@ disconnect listener's exception), so the cycle collector rarely has anything to 
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
@@ -61,6 +63,25 @@ class GatewayASGIHandler(ASGIHandler):
             match = self._resolved[request.path_info] = super().resolve_request(request)
         request.resolver_match = match
         return match
+
+    async def read_body(self, receive):
+        # A /v1 body (a few KB of JSON) comes in one message: keep it in memory. Anything larger
+        # than Django's in-memory limit, or in several messages, goes Django's way (a spooled file).
+        first = await receive()
+        body = first.get("body", b"")
+        if first["type"] == "http.request" and not first.get("more_body", False) \
+                and len(body) <= settings.FILE_UPLOAD_MAX_MEMORY_SIZE:
+            return io.BytesIO(body)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return first
+
+        return await super().read_body(replay)
 
     def load_middleware(self, is_async: bool = False) -> None:
         self._view_middleware = []

@@ -324,3 +324,13 @@ async def test_a_request_that_never_gets_a_connection_fails_with_a_pool_timeout(
             # The cancelled request gave its connection back: a new one gets a turn at once.
             with pytest.raises(httpx.ReadTimeout):
                 await http.post(engine.url + "/x", content=b"{}", timeout=httpx.Timeout(0.3, pool=0.2))
+
+
+def test_a_json_request_is_what_build_request_makes():
+    http = EngineClient(timeout=httpx.Timeout(7.0, connect=2.0))
+    url = httpx.URL("http://127.0.0.1:9/v1/chat/completions")
+    built = http.build_request("POST", url, content=b'{"a": 1}', headers={"Content-Type": "application/json"})
+    made = http.json_request(url, b'{"a": 1}')
+    assert made.headers.raw == built.headers.raw
+    assert made.extensions == built.extensions and made.method == "POST" and made.url == url
+    assert made.read() == b'{"a": 1}'

@@ -87,3 +87,28 @@ async def test_a_server_stopping_cancels_the_call_and_the_cancellation_goes_on_u
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(call, 5)
     assert handler.cancelled and sent == []
+
+
+class BodyHandler(GatewayASGIHandler):
+    """The handler with a view that answers with the body it was given."""
+
+    async def run_get_response(self, request):
+        from django.http import HttpResponse
+
+        return HttpResponse(request.body)
+
+
+@pytest.mark.parametrize("parts", [[b'{"model": "m"}'], [b'{"model": ', b'"m"}'], [b"x" * 3_000_000]])
+async def test_the_body_reaches_the_view_whole_in_one_message_or_many_and_at_any_size(parts):
+    inbox: asyncio.Queue = asyncio.Queue()
+    for i, part in enumerate(parts):
+        inbox.put_nowait({"type": "http.request", "body": part, "more_body": i < len(parts) - 1})
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"", "headers": []}
+    await asyncio.wait_for(BodyHandler()(scope, inbox.get, send), 10)
+    assert sent[0]["status"] == 200
+    assert b"".join(m.get("body", b"") for m in sent[1:]) == b"".join(parts)
