@@ -271,14 +271,15 @@ async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model_
     accounting = _Accounting(route.instance_id, model_id if count_served else None)
     if not stream:
         try:
-            upstream = await client.send(request)
+            upstream = await client.send(request, stream=True)
+            content = await client.read(upstream)
         except httpx.TransportError:
             return _engine_gone(model_id)
         finally:
             accounting.close()
-        response = HttpResponse(upstream.content, status=upstream.status_code,
+        response = HttpResponse(content, status=upstream.status_code,
                                 content_type=upstream.headers.get("content-type", "application/json"))
-        response["Content-Length"] = str(len(upstream.content))
+        response["Content-Length"] = str(len(content))
         _porten_headers(response, route)
         return response
 

@@ -101,17 +101,34 @@ class _Body(httpx.AsyncByteStream):
         self.done = length == 0
         self.released = False
 
+    _BROKEN = (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
+
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
             async for part in self._chunked() if self.chunked else self._plain():
                 yield part
-        except TimeoutError as exc:
-            self._discard()
-            raise httpx.ReadTimeout("The engine stopped sending its answer.") from exc
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-            self._discard()
-            raise httpx.RemoteProtocolError(f"The engine's answer broke off: {exc!r}") from exc
+        except self._BROKEN as exc:
+            raise self._failure(exc) from exc
         self._release()
+
+    async def read_whole(self) -> bytes:
+        """The whole body at once: one read when its length is known."""
+        if self.chunked or not self.length:
+            return b"".join([part async for part in self])
+        try:
+            async with asyncio.timeout(self.read_timeout_s):
+                data = await self.conn.reader.readexactly(self.length)
+        except self._BROKEN as exc:
+            raise self._failure(exc) from exc
+        self.done = True
+        self._release()
+        return data
+
+    def _failure(self, exc: BaseException) -> httpx.TransportError:
+        self._discard()
+        if isinstance(exc, TimeoutError):
+            return httpx.ReadTimeout("The engine stopped sending its answer.")
+        return httpx.RemoteProtocolError(f"The engine's answer broke off: {exc!r}")
 
     async def _plain(self) -> AsyncIterator[bytes]:
         reader = self.conn.reader
@@ -373,6 +390,21 @@ class EngineClient(httpx.AsyncClient):
         headers["Content-Type"] = "application/json"
         return httpx.Request("POST", url, content=payload, headers=headers,
                              extensions={"timeout": self.timeout.as_dict()})
+
+    async def read(self, response: httpx.Response) -> bytes:
+        """The whole body of a response sent with `stream=True`, then closes it. An engine's answer
+        framed by its length comes off the connection in one read, not through httpx's decoding
+        iterators (engines are asked for no encoding)."""
+        stream = response.stream
+        if isinstance(stream, _Body) and "content-encoding" not in response.headers:
+            try:
+                return await stream.read_whole()
+            except httpx.RequestError as exc:
+                exc.request = response.request
+                raise
+            finally:
+                await response.aclose()
+        return await response.aread()
 
     def _plain_send(self, auth, follow_redirects) -> bool:
         return ((auth is None or isinstance(auth, UseClientDefault)) and self._auth is None

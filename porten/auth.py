@@ -1,9 +1,13 @@
 """Bearer API key authentication for /v1 (DRF views and async views alike)."""
 from __future__ import annotations
 
+import time
+from datetime import timedelta
+
+from django.utils import timezone
 from rest_framework import authentication, exceptions
 
-from .keys import api_key_for, api_key_touch, bearer_token
+from .keys import api_key_afor, api_key_for, api_key_touch, bearer_token, hash_key
 
 
 class ApiKeyUser:
@@ -37,21 +41,9 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 async def authenticate_async(request) -> tuple[object | None, bool]:
     """(caller, via_session) for an async view: a Bearer API key, or a signed-in Django session
     (the playground). Keys are checked first; a request with a bad key never falls back to a cookie."""
-    from datetime import timedelta
-
-    from django.utils import timezone
-
     header = request.META.get("HTTP_AUTHORIZATION", "")
     if header:
-        api_key = await _cached_api_key(bearer_token(header))
-        if api_key is None:
-            return None, False
-        now = timezone.now()
-        if api_key.last_used_at is None or now - api_key.last_used_at > timedelta(minutes=1):
-            # Recorded at most once a minute: a write per request would cost the hot path.
-            await type(api_key).objects.filter(pk=api_key.pk).aupdate(last_used_at=now)
-            api_key.last_used_at = now
-        return ApiKeyUser(api_key), False
+        return await _api_key_user(bearer_token(header)), False
     user = await _session_user(request)
     if user is not None and user.is_authenticated:
         return user, True
@@ -75,15 +67,14 @@ async def _session_user(request):
 
 
 _KEY_TTL_S = 10.0  # a revoked key stops working within this long in every hub process
-_key_cache: dict[str, tuple[float, object]] = {}
+_TOUCH_EVERY = timedelta(minutes=1)
+_key_cache: dict[str, tuple[float, ApiKeyUser]] = {}
 
 
-async def _cached_api_key(raw_key: str):
-    """Valid keys are remembered briefly so the hot path does not query the database per request."""
-    import time
-
-    from .keys import api_key_afor, hash_key
-
+async def _api_key_user(raw_key: str) -> ApiKeyUser | None:
+    """The caller behind a key. Valid keys are remembered briefly so the hot path does not query
+    the database per request; when one is looked up again, its last use is recorded if the
+    recorded one is over a minute old (a write per request would cost the hot path)."""
     if not raw_key:
         return None
     digest = hash_key(raw_key)
@@ -92,13 +83,18 @@ async def _cached_api_key(raw_key: str):
     if hit is not None and hit[0] > now:
         return hit[1]
     api_key = await api_key_afor(raw_key)
-    if api_key is not None:
-        if len(_key_cache) > 10_000:
-            _key_cache.clear()
-        _key_cache[digest] = (now + _KEY_TTL_S, api_key)
-    else:
+    if api_key is None:
         _key_cache.pop(digest, None)
-    return api_key
+        return None
+    stamp = timezone.now()
+    if api_key.last_used_at is None or stamp - api_key.last_used_at > _TOUCH_EVERY:
+        await type(api_key).objects.filter(pk=api_key.pk).aupdate(last_used_at=stamp)
+        api_key.last_used_at = stamp
+    if len(_key_cache) > 10_000:
+        _key_cache.clear()
+    user = ApiKeyUser(api_key)
+    _key_cache[digest] = (now + _KEY_TTL_S, user)
+    return user
 
 
 def csrf_failure(request, message: str = "CSRF check failed for a signed-in session; send the X-CSRFToken header."):

@@ -334,3 +334,38 @@ def test_a_json_request_is_what_build_request_makes():
     assert made.headers.raw == built.headers.raw
     assert made.extensions == built.extensions and made.method == "POST" and made.url == url
     assert made.read() == b'{"a": 1}'
+
+
+async def test_reading_a_whole_answer_by_length_or_chunks_keeps_the_connection():
+    async def answer(n, writer):
+        if n == 1:
+            writer.write(sized(b'{"n": 1}'))
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(b'{"n": ') + chunk(b"2}")
+                         + b"0\r\n\r\n")
+
+    async with ScriptedEngine(answer) as engine, client() as http:
+        for n in (1, 2):
+            response = await http.send(http.json_request(httpx.URL(engine.url + "/x"), b"{}"), stream=True)
+            assert json.loads(await http.read(response)) == {"n": n}
+            assert response.is_closed
+    assert engine.connections == 1
+
+
+@pytest.mark.parametrize("reply", ["cut short", "silent"])
+async def test_reading_a_whole_answer_that_breaks_off_fails_as_httpx_does(reply):
+    async def answer(n, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        if reply == "silent":
+            await asyncio.sleep(30)
+        return "close"
+
+    async with ScriptedEngine(answer) as engine, client(read=0.3) as http:
+        request = http.json_request(httpx.URL(engine.url + "/x"), b"{}")
+        response = await http.send(request, stream=True)
+        expected = httpx.ReadTimeout if reply == "silent" else httpx.RemoteProtocolError
+        with pytest.raises(expected) as raised:
+            await asyncio.wait_for(http.read(response), 5)
+        assert raised.value.request is request
+        assert response.is_closed

@@ -39,3 +39,23 @@ def test_only_a_hash_is_stored(api_key):
     stored = ApiKey.objects.get()
     assert api_key not in (stored.key_hash, stored.prefix, stored.name)
     assert len(stored.key_hash) == 64
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_async_check_knows_a_key_records_its_use_and_drops_it_once_revoked(api_key):
+    from django.test import RequestFactory
+
+    from porten import auth
+
+    def request(key):
+        return RequestFactory().post("/v1/chat/completions", HTTP_AUTHORIZATION=f"Bearer {key}")
+
+    caller, via_session = await auth.authenticate_async(request(api_key))
+    assert isinstance(caller, auth.ApiKeyUser) and via_session is False
+    assert (await ApiKey.objects.aget()).last_used_at is not None
+    assert await auth.authenticate_async(request("pt-wrong")) == (None, False)
+
+    await ApiKey.objects.aupdate(is_active=False)
+    assert (await auth.authenticate_async(request(api_key)))[0] is caller  # remembered for a few seconds
+    auth._key_cache.update({digest: (0.0, user) for digest, (_, user) in auth._key_cache.items()})  # time passes
+    assert await auth.authenticate_async(request(api_key)) == (None, False)
