@@ -32,6 +32,7 @@ import sys
 
 def _lean_daphne() -> None:
     from daphne import access, cli, http_protocol, server
+    from twisted.python import deprecate
 
     class WebRequest(http_protocol.WebRequest):
         def __init__(self, *args, **kwargs) -> None:
@@ -52,6 +53,11 @@ def _lean_daphne() -> None:
                 return super().__call__(protocol, action, details)
             loop.call_soon(super().__call__, protocol, action, details)
 
+    # daphne reaches twisted.web.http through the deprecation proxy Twisted installs in its place,
+    # which runs Python code for every attribute: four calls for each `http.Request.write` daphne
+    # makes per message (once per streamed token). Give daphne the module itself.
+    if isinstance(http_protocol.http, deprecate._ModuleProxy):
+        http_protocol.http = deprecate._InternalState(http_protocol.http)._module
     # daphne builds its factory, and the factory each connection's requests, from these module names.
     http_protocol.WebRequest = WebRequest
     server.HTTPFactory = HTTPFactory

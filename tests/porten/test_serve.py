@@ -23,6 +23,8 @@ CHECK = textwrap.dedent("""
     from porten.serve import _lean_daphne
 
     _lean_daphne()
+    assert type(http_protocol.http) is type(mock), "daphne still reaches Twisted through its deprecation proxy"
+    assert http_protocol.http.Request is http.Request
     request = http_protocol.WebRequest(mock.Mock())
     assert request._parsePOSTFormSubmission is False, "Twisted would still parse form bodies"
     factory = server.HTTPFactory(mock.Mock())
