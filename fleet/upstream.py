@@ -89,6 +89,49 @@ class _Chunks:
         return b"".join(parts)
 
 
+class _ReadDeadline:
+    """Reads a body with httpx's read timeout (the longest wait for the engine's next bytes)
+    without a timer per read. asyncio.timeout around each read made and cancelled a timer for every
+    streamed token; this keeps one timer per body, moved on only when it fires: if the reader has
+    been waiting that long, its task is cancelled and the read raises TimeoutError. Time the caller
+    spends between reads (sending the last token on) does not count."""
+
+    __slots__ = ("reader", "timeout_s", "loop", "task", "since", "reading", "expired", "cancelling", "timer")
+
+    def __init__(self, reader: asyncio.StreamReader, timeout_s: float | None) -> None:
+        self.reader, self.timeout_s = reader, timeout_s
+        self.loop = asyncio.get_running_loop()
+        self.task: asyncio.Task | None = None
+        self.since, self.reading, self.expired, self.cancelling = self.loop.time(), False, False, 0
+        self.timer = None if timeout_s is None else self.loop.call_at(self.since + timeout_s, self._check)
+
+    async def __call__(self, size: int) -> bytes:
+        if self.timer is None:
+            return await self.reader.read(size)
+        self.task, self.since, self.reading = asyncio.current_task(), self.loop.time(), True
+        try:
+            return await self.reader.read(size)
+        except asyncio.CancelledError:
+            if self.expired and self.task.uncancel() <= self.cancelling:
+                raise TimeoutError from None  # our cancellation, and nobody else's
+            raise
+        finally:
+            self.reading = False
+
+    def _check(self) -> None:
+        if self.reading and not self.expired and self.loop.time() - self.since >= self.timeout_s:
+            self.expired = True
+            self.cancelling = self.task.cancelling()
+            self.task.cancel()
+            return
+        start = self.since if self.reading else self.loop.time()
+        self.timer = self.loop.call_at(start + self.timeout_s, self._check)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
 class _Body(httpx.AsyncByteStream):
     """A response body read straight off the connection, then handed back to the pool."""
 
@@ -131,31 +174,35 @@ class _Body(httpx.AsyncByteStream):
         return httpx.RemoteProtocolError(f"The engine's answer broke off: {exc!r}")
 
     async def _plain(self) -> AsyncIterator[bytes]:
-        reader = self.conn.reader
+        read = _ReadDeadline(self.conn.reader, self.read_timeout_s)
         left = self.length
-        while left is None or left > 0:
-            async with asyncio.timeout(self.read_timeout_s):
-                data = await reader.read(READ_SIZE if left is None else min(READ_SIZE, left))
-            if not data:
-                if left is None:
-                    break  # framed by the connection's end
-                raise asyncio.IncompleteReadError(b"", left)
-            if left is not None:
-                left -= len(data)
-            yield data
+        try:
+            while left is None or left > 0:
+                data = await read(READ_SIZE if left is None else min(READ_SIZE, left))
+                if not data:
+                    if left is None:
+                        break  # framed by the connection's end
+                    raise asyncio.IncompleteReadError(b"", left)
+                if left is not None:
+                    left -= len(data)
+                yield data
+        finally:
+            read.close()
         self.done = True
 
     async def _chunked(self) -> AsyncIterator[bytes]:
-        reader = self.conn.reader
+        read = _ReadDeadline(self.conn.reader, self.read_timeout_s)
         chunks = _Chunks()
-        while not chunks.finished:
-            async with asyncio.timeout(self.read_timeout_s):
-                data = await reader.read(READ_SIZE)
-            if not data:
-                raise asyncio.IncompleteReadError(bytes(chunks.buffer), None)
-            part = chunks.feed(data)
-            if part:
-                yield part
+        try:
+            while not chunks.finished:
+                data = await read(READ_SIZE)
+                if not data:
+                    raise asyncio.IncompleteReadError(bytes(chunks.buffer), None)
+                part = chunks.feed(data)
+                if part:
+                    yield part
+        finally:
+            read.close()
         if chunks.buffer:
             self.keep_alive = False  # bytes past the end of the answer: do not reuse the connection
         self.done = True

@@ -369,3 +369,42 @@ async def test_reading_a_whole_answer_that_breaks_off_fails_as_httpx_does(reply)
             await asyncio.wait_for(http.read(response), 5)
         assert raised.value.request is request
         assert response.is_closed
+
+
+async def test_a_caller_slower_than_the_read_timeout_is_not_taken_for_a_silent_engine():
+    async def answer(n, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i, pause in enumerate((0.7, 0.05, 0.05)):
+            writer.write(chunk(b"token %d " % i))
+            await writer.drain()
+            await asyncio.sleep(pause)
+        writer.write(b"0\r\n\r\n")
+
+    async with ScriptedEngine(answer) as engine, client(read=0.3) as http:
+        async with http.stream("POST", engine.url + "/x", content=b"{}") as response:
+            got = b""
+            async for part in response.aiter_raw():
+                got += part
+                # The caller takes longer than the read timeout between tokens; then it waits 0.2 s
+                # for the engine's next token, which is within the timeout.
+                await asyncio.sleep(0.5)
+    assert got == b"token 0 token 1 token 2 "
+
+
+async def test_cancelling_a_reader_mid_stream_is_a_cancellation_not_a_timeout():
+    async def answer(n, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(b"first"))
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    async with ScriptedEngine(answer) as engine, client(read=0.3) as http:
+        async def read_all():
+            async with http.stream("POST", engine.url + "/x", content=b"{}") as response:
+                async for _ in response.aiter_raw():
+                    pass
+
+        reading = asyncio.create_task(read_all())
+        await asyncio.sleep(0.2)  # inside the read timeout
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading

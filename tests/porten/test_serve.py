@@ -27,6 +27,9 @@ CHECK = textwrap.dedent("""
     assert http_protocol.http.Request is http.Request
     request = http_protocol.WebRequest(mock.Mock())
     assert request._parsePOSTFormSubmission is False, "Twisted would still parse form bodies"
+    other = http_protocol.WebRequest(mock.Mock())
+    assert request == request and request != other and len({request, other, request}) == 2
+    assert type(request).__hash__ is object.__hash__, "a Python __hash__ per connection-table lookup"
     factory = server.HTTPFactory(mock.Mock())
     assert isinstance(factory, http.HTTPFactory)
     factory._logFile = mock.Mock()
