@@ -147,11 +147,14 @@ class _Body(httpx.AsyncByteStream):
     _BROKEN = (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        read = _ReadDeadline(self.conn.reader, self.read_timeout_s)
         try:
-            async for part in self._chunked() if self.chunked else self._plain():
+            async for part in self._chunked(read) if self.chunked else self._plain(read):
                 yield part
         except self._BROKEN as exc:
             raise self._failure(exc) from exc
+        finally:
+            read.close()
         self._release()
 
     async def read_whole(self) -> bytes:
@@ -173,36 +176,28 @@ class _Body(httpx.AsyncByteStream):
             return httpx.ReadTimeout("The engine stopped sending its answer.")
         return httpx.RemoteProtocolError(f"The engine's answer broke off: {exc!r}")
 
-    async def _plain(self) -> AsyncIterator[bytes]:
-        read = _ReadDeadline(self.conn.reader, self.read_timeout_s)
+    async def _plain(self, read: _ReadDeadline) -> AsyncIterator[bytes]:
         left = self.length
-        try:
-            while left is None or left > 0:
-                data = await read(READ_SIZE if left is None else min(READ_SIZE, left))
-                if not data:
-                    if left is None:
-                        break  # framed by the connection's end
-                    raise asyncio.IncompleteReadError(b"", left)
-                if left is not None:
-                    left -= len(data)
-                yield data
-        finally:
-            read.close()
+        while left is None or left > 0:
+            data = await read(READ_SIZE if left is None else min(READ_SIZE, left))
+            if not data:
+                if left is None:
+                    break  # framed by the connection's end
+                raise asyncio.IncompleteReadError(b"", left)
+            if left is not None:
+                left -= len(data)
+            yield data
         self.done = True
 
-    async def _chunked(self) -> AsyncIterator[bytes]:
-        read = _ReadDeadline(self.conn.reader, self.read_timeout_s)
+    async def _chunked(self, read: _ReadDeadline) -> AsyncIterator[bytes]:
         chunks = _Chunks()
-        try:
-            while not chunks.finished:
-                data = await read(READ_SIZE)
-                if not data:
-                    raise asyncio.IncompleteReadError(bytes(chunks.buffer), None)
-                part = chunks.feed(data)
-                if part:
-                    yield part
-        finally:
-            read.close()
+        while not chunks.finished:
+            data = await read(READ_SIZE)
+            if not data:
+                raise asyncio.IncompleteReadError(bytes(chunks.buffer), None)
+            part = chunks.feed(data)
+            if part:
+                yield part
         if chunks.buffer:
             self.keep_alive = False  # bytes past the end of the answer: do not reuse the connection
         self.done = True

@@ -95,12 +95,7 @@ def _prompt_server() -> None:
         def writeSequence(self, iovec) -> None:
             if self.TLS:
                 return super().writeSequence(iovec)
-            if not self.connected or self._writeDisconnected or not iovec:
-                return
-            self._tempDataBuffer.extend(iovec)
-            self._tempDataLen += sum(map(len, iovec))
-            self._maybePauseProducer()
-            self._send_soon()
+            self.write(b"".join(iovec))  # doWrite joins the buffer into one send anyway
 
         def _send_soon(self) -> None:
             if not self._send_due and self not in self.reactor._writers:
