@@ -415,6 +415,8 @@ class EngineClient(httpx.AsyncClient):
         headers = httpx.Headers(kwargs.pop("headers", None))
         headers.setdefault("Accept-Encoding", "identity")
         super().__init__(transport=transport or EngineTransport(), trust_env=False, headers=headers, **kwargs)
+        self._json_headers: dict[tuple, httpx.Headers] = {}
+        self._timeout_dict: tuple[httpx.Timeout | None, dict] = (None, {})
 
     @property
     def cookies(self) -> httpx.Cookies:
@@ -426,12 +428,28 @@ class EngineClient(httpx.AsyncClient):
             raise ValueError("the engine client keeps no cookies")
 
     def json_request(self, url: httpx.URL, payload: bytes) -> httpx.Request:
-        """A POST of a JSON body, as `build_request` makes it (the client's headers and timeout),
-        without merging the cookies, params and URL a call to an engine never has."""
-        headers = httpx.Headers(self.headers)
-        headers["Content-Type"] = "application/json"
-        return httpx.Request("POST", url, content=payload, headers=headers,
-                             extensions={"timeout": self.timeout.as_dict()})
+        """A POST of a JSON body, as `build_request` makes it (the same headers, in the same order,
+        and the client's timeout). `httpx.Request(content=...)` normalizes and merges every header
+        twice per call (about 11 µs, several times that when the hub's caches are cold between
+        requests at one client); here the headers that do not change are made once per engine
+        and per set of client headers, and each call only adds the body's length (about 3 µs)."""
+        client_headers = tuple(self.headers.raw)
+        key = (url.netloc, client_headers)
+        fixed = self._json_headers.get(key)
+        if fixed is None:
+            if len(self._json_headers) > 256:
+                self._json_headers.clear()
+            fixed = self._json_headers[key] = httpx.Headers(
+                [(b"Host", url.netloc), *client_headers, (b"Content-Type", b"application/json")])
+        headers = httpx.Headers(fixed)
+        headers["Content-Length"] = str(len(payload))
+        timeout = self.timeout
+        if self._timeout_dict[0] is not timeout:
+            self._timeout_dict = (timeout, timeout.as_dict())
+        request = httpx.Request("POST", url, headers=headers, stream=httpx.ByteStream(payload),
+                                extensions={"timeout": self._timeout_dict[1]})
+        request.read()  # `content` is there at once, as with content=...
+        return request
 
     async def read(self, response: httpx.Response) -> bytes:
         """The whole body of a response sent with `stream=True`, then closes it. An engine's answer

@@ -333,7 +333,15 @@ def test_a_json_request_is_what_build_request_makes():
     made = http.json_request(url, b'{"a": 1}')
     assert made.headers.raw == built.headers.raw
     assert made.extensions == built.extensions and made.method == "POST" and made.url == url
-    assert made.read() == b'{"a": 1}'
+    assert made.content == b'{"a": 1}' and made.read() == b'{"a": 1}'
+    # The client's headers and timeout as they are at each call, and each call's own length.
+    http.headers["X-Trace"] = "on"
+    http.timeout = httpx.Timeout(3.0)
+    for target in (url, httpx.URL("http://engine-b:8001/v1/completions")):
+        built = http.build_request("POST", target, content=b"{}", headers={"Content-Type": "application/json"})
+        made = http.json_request(target, b"{}")
+        assert made.headers.raw == built.headers.raw and made.extensions == built.extensions
+        assert made.headers["x-trace"] == "on" and made.headers["content-length"] == "2"
 
 
 async def test_reading_a_whole_answer_by_length_or_chunks_keeps_the_connection():
