@@ -234,7 +234,10 @@ class EngineTransport(httpx.AsyncBaseTransport):
         if url.scheme != "http":
             raise httpx.UnsupportedProtocol(f"Engines are reached over plain http, not {url.scheme}.")
         key = (url.host, url.port or 80)
-        body = await request.aread()
+        try:
+            body = request.content
+        except httpx.RequestNotRead:
+            body = await request.aread()
         timeouts = request.extensions.get("timeout", {})
         head = self._head(request, body)
         slot = await self._slot(key, timeouts.get("pool"))
@@ -415,7 +418,7 @@ class EngineClient(httpx.AsyncClient):
         headers = httpx.Headers(kwargs.pop("headers", None))
         headers.setdefault("Accept-Encoding", "identity")
         super().__init__(transport=transport or EngineTransport(), trust_env=False, headers=headers, **kwargs)
-        self._json_headers: dict[tuple, httpx.Headers] = {}
+        self._json_headers: dict[tuple, tuple[httpx.URL, httpx.Headers]] = {}
         self._timeout_dict: tuple[httpx.Timeout | None, dict] = (None, {})
 
     @property
@@ -430,25 +433,23 @@ class EngineClient(httpx.AsyncClient):
     def json_request(self, url: httpx.URL, payload: bytes) -> httpx.Request:
         """A POST of a JSON body, as `build_request` makes it (the same headers, in the same order,
         and the client's timeout). `httpx.Request(content=...)` normalizes and merges every header
-        twice per call (about 11 µs, several times that when the hub's caches are cold between
-        requests at one client); here the headers that do not change are made once per engine
-        and per set of client headers, and each call only adds the body's length (about 3 µs)."""
-        client_headers = tuple(self.headers.raw)
-        key = (url.netloc, client_headers)
-        fixed = self._json_headers.get(key)
-        if fixed is None:
+        twice per call: about 11 µs, and several times that with the hub's caches cold between
+        requests at one client, where the cost follows how much code and data a call touches. Here
+        the headers that do not change are made once per engine URL and client headers."""
+        key = (id(url), tuple(self._headers._list))  # the client's headers as they are now
+        made = self._json_headers.get(key)
+        if made is None or made[0] is not url:
             if len(self._json_headers) > 256:
                 self._json_headers.clear()
-            fixed = self._json_headers[key] = httpx.Headers(
-                [(b"Host", url.netloc), *client_headers, (b"Content-Type", b"application/json")])
-        headers = httpx.Headers(fixed)
-        headers["Content-Length"] = str(len(payload))
+            made = self._json_headers[key] = (url, httpx.Headers(
+                [(b"Host", url.netloc), *self.headers.raw, (b"Content-Type", b"application/json")]))
         timeout = self.timeout
         if self._timeout_dict[0] is not timeout:
             self._timeout_dict = (timeout, timeout.as_dict())
-        request = httpx.Request("POST", url, headers=headers, stream=httpx.ByteStream(payload),
+        request = httpx.Request("POST", url, headers=made[1], stream=httpx.ByteStream(payload),
                                 extensions={"timeout": self._timeout_dict[1]})
-        request.read()  # `content` is there at once, as with content=...
+        request.headers["Content-Length"] = str(len(payload))
+        request._content = payload  # what read() sets: `content` is there at once, as with content=...
         return request
 
     async def read(self, response: httpx.Response) -> bytes:

@@ -26,6 +26,7 @@ from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
 from django.db import close_old_connections
 from django.urls import ResolverMatch, set_script_prefix
+from django.utils.log import log_response
 
 GATEWAY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 RECYCLE_CONNECTIONS_S = 5.0
@@ -83,6 +84,23 @@ class GatewayASGIHandler(ASGIHandler):
 
         return await super().read_body(replay)
 
+    async def get_response_async(self, request):
+        # Django's, less set_urlconf: the gateway paths resolve against ROOT_URLCONF, the default.
+        response = await self._middleware_chain(request)
+        response._resource_closers.append(request.close)
+        if response.status_code >= 400:
+            await sync_to_async(log_response, thread_sensitive=False)(
+                "%s: %s", response.reason_phrase, request.path, response=response, request=request)
+        return response
+
+    async def _get_response_async(self, request):
+        # Django's, for the gateway views: async, with no view or template middleware and no
+        # atomic requests (Django refuses those for async views).
+        callback, callback_args, callback_kwargs = self.resolve_request(request)
+        response = await callback(request, *callback_args, **callback_kwargs)
+        self.check_response(response, callback)
+        return response
+
     def load_middleware(self, is_async: bool = False) -> None:
         self._view_middleware = []
         self._template_response_middleware = []
@@ -97,7 +115,9 @@ class GatewayASGIHandler(ASGIHandler):
             body_file = await self.read_body(receive)
         except RequestAborted:
             return
-        set_script_prefix(get_script_prefix(scope))
+        script_prefix = get_script_prefix(scope)
+        if script_prefix not in ("", "/"):  # "/" is what an unset prefix reads as
+            set_script_prefix(script_prefix)
         request, error_response = self.create_request(scope, body_file)
         if request is None:
             body_file.close()

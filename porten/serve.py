@@ -27,11 +27,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import sys
+
+
+def _call(function, *args, **kwargs):
+    return function(*args, **kwargs)
 
 
 def _lean_daphne() -> None:
     from daphne import access, cli, http_protocol, server
+    from twisted.internet import defer
     from twisted.python import deprecate
 
     class WebRequest(http_protocol.WebRequest):
@@ -57,6 +63,24 @@ def _lean_daphne() -> None:
             except RuntimeError:
                 return super().__call__(protocol, action, details)
             loop.call_soon(super().__call__, protocol, action, details)
+
+    # daphne's WebRequest.process is an @inlineCallbacks generator whose one yield waits on
+    # maybeDeferred(self.server.create_application, ...), a synchronous call. Run it as a plain
+    # generator: without the three Deferreds and the context copy inlineCallbacks makes per request.
+    steps = getattr(http_protocol.WebRequest.process, "__wrapped__", None)
+    if inspect.isgeneratorfunction(steps) and http_protocol.maybeDeferred is defer.maybeDeferred:
+        http_protocol.maybeDeferred = _call
+
+        def process(self) -> None:
+            run = steps(self)
+            try:
+                run.send(next(run))  # the application's input queue, back to daphne
+            except StopIteration:
+                return
+            run.close()
+            raise RuntimeError("daphne's WebRequest.process waited on more than create_application")
+
+        WebRequest.process = process
 
     # daphne reaches twisted.web.http through the deprecation proxy Twisted installs in its place,
     # which runs Python code for every attribute: four calls for each `http.Request.write` daphne

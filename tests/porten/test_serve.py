@@ -30,6 +30,35 @@ CHECK = textwrap.dedent("""
     other = http_protocol.WebRequest(mock.Mock())
     assert request == request and request != other and len({request, other, request}) == 2
     assert type(request).__hash__ is object.__hash__, "a Python __hash__ per connection-table lookup"
+    # daphne's process runs as a plain generator: the request reaches the application at once,
+    # with no Deferred in between, and a failing create_application is still daphne's 500.
+    import io
+    from twisted.internet import address
+    from twisted.web.http_headers import Headers
+
+    def made_request():
+        made = http_protocol.WebRequest(mock.Mock())
+        made.requestHeaders = Headers({b"content-type": [b"application/json"]})
+        made.method, made.path, made.uri, made.clientproto = b"POST", b"/v1/x", b"/v1/x?a=1", b"HTTP/1.1"
+        made.content = io.BytesIO(b"{}")
+        made.client = made.host = address.IPv4Address("TCP", "127.0.0.1", 9)
+        made.isSecure = lambda: False
+        made.server.proxy_forwarded_address_header, made.server.root_path = None, ""
+        made.server.request_buffer_size = 8192
+        made.basic_error = mock.Mock()
+        return made
+
+    made = made_request()
+    assert made.process() is None, "process still returns a Deferred"
+    scope = made.server.create_application.call_args.args[1]
+    assert (scope["path"], scope["query_string"], scope["method"]) == ("/v1/x", b"a=1", "POST")
+    assert made.application_queue is made.server.create_application.return_value
+    made.application_queue.put_nowait.assert_called_once_with({"type": "http.request", "body": b"{}", "more_body": False})
+    assert not made.basic_error.called
+    made = made_request()
+    made.server.create_application.side_effect = RuntimeError("no application")
+    made.process()
+    assert made.basic_error.call_args.args[0] == 500
     factory = server.HTTPFactory(mock.Mock())
     assert isinstance(factory, http.HTTPFactory)
     factory._logFile = mock.Mock()
