@@ -52,3 +52,23 @@ async def test_served_requests_become_demand_within_about_a_second():
     await eventually(lambda: demand_counts([model_id])[model_id] == before + 3, timeout_s=3.0)
     assert last_requests([model_id])[model_id] >= started
     assert not tally.served  # nothing left owed
+
+
+async def test_requests_that_come_and_go_within_a_tick_cost_no_write():
+    from fleet.inflight import FLUSH_S
+
+    tally, instance_id = Tally(), 900_004
+    redis_client().hset(_key(instance_id), PROCESS_ID, 7)  # a marker: any write would replace or remove it
+    try:
+        for _ in range(5):  # one client's short requests, back to back
+            tally.enter(instance_id, None)
+            await asyncio.sleep(FLUSH_S / 20)
+            tally.leave(instance_id)
+        await asyncio.sleep(FLUSH_S * 4)
+        assert redis_client().hget(_key(instance_id), PROCESS_ID) == "7"
+        tally.enter(instance_id, None)  # one that stays is written within a tick or so
+        await eventually(lambda: inflight_count(instance_id) == 1, timeout_s=FLUSH_S * 10)
+    finally:
+        tally.leave(instance_id)
+        await tally.flush()
+        redis_client().delete(_key(instance_id))
