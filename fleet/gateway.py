@@ -14,11 +14,12 @@ from datetime import timedelta
 import httpx
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.http import HttpResponse, StreamingHttpResponse
+from django.http import HttpResponse
 from django.utils import timezone
 
 from catalog.models import CatalogModel
 from porten.errors import error_response
+from porten.gateway_handler import PassThroughStream
 
 from .demand import demand_record
 from .events import model_events
@@ -307,7 +308,7 @@ async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model_
             await upstream.aclose()
             accounting.close()
 
-    response = StreamingHttpResponse(relay(), content_type="text/event-stream")
+    response = PassThroughStream(relay(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     _porten_headers(response, route)

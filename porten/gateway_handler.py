@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from collections.abc import AsyncIterator
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -25,11 +26,23 @@ from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
 from django.db import close_old_connections
+from django.http import StreamingHttpResponse
 from django.urls import ResolverMatch, set_script_prefix
 from django.utils.log import log_response
 
 GATEWAY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 RECYCLE_CONNECTIONS_S = 5.0
+
+
+class PassThroughStream(StreamingHttpResponse):
+    """A stream of bytes ready to send as they come (an engine's server-sent events). The lean
+    handler sends each part as one message, without the per-part layers Django's handler runs
+    (its __aiter__ and make_bytes wrappers, a chunk_bytes generator per part); anywhere else it is a
+    StreamingHttpResponse like any other."""
+
+    def __init__(self, parts: AsyncIterator[bytes], **kwargs) -> None:
+        super().__init__(parts, **kwargs)
+        self.parts = parts
 
 
 class _Call:
@@ -83,6 +96,21 @@ class GatewayASGIHandler(ASGIHandler):
             return first
 
         return await super().read_body(replay)
+
+    async def send_response(self, response, send) -> None:
+        if not isinstance(response, PassThroughStream):
+            return await super().send_response(response, send)
+        headers = [(name.encode("ascii"), value.encode("latin1")) for name, value in response.items()]
+        headers += [(b"Set-Cookie", c.output(header="").encode("ascii").strip()) for c in response.cookies.values()]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        parts = response.parts
+        try:
+            async for part in parts:
+                if part:
+                    await send({"type": "http.response.body", "body": part, "more_body": True})
+        finally:
+            await parts.aclose()  # as Django's aclosing(): a stream left early still closes its source
+        await send({"type": "http.response.body"})
 
     async def get_response_async(self, request):
         # Django's, less set_urlconf: the gateway paths resolve against ROOT_URLCONF, the default.

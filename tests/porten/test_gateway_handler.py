@@ -112,3 +112,56 @@ async def test_the_body_reaches_the_view_whole_in_one_message_or_many_and_at_any
     await asyncio.wait_for(BodyHandler()(scope, inbox.get, send), 10)
     assert sent[0]["status"] == 200
     assert b"".join(m.get("body", b"") for m in sent[1:]) == b"".join(parts)
+
+
+class StreamHandler(GatewayASGIHandler):
+    """The handler with a view that streams parts, noting whether its stream was closed."""
+
+    def __init__(self, parts: list[bytes]) -> None:
+        super().__init__()
+        self.parts, self.closed = parts, False
+
+    async def run_get_response(self, request):
+        from porten.gateway_handler import PassThroughStream
+
+        async def stream():
+            try:
+                for part in self.parts:
+                    yield part
+            finally:
+                self.closed = True
+
+        response = PassThroughStream(stream(), content_type="text/event-stream")
+        response["X-Porten-Cold-Start"] = "false"
+        response.set_cookie("seen", "1")
+        return response
+
+
+async def test_a_pass_through_stream_goes_out_part_by_part_with_its_headers():
+    handler = StreamHandler([b"data: 1\n\n", b"", b"data: [DONE]\n\n"])
+    sent = await call(handler)
+    start, *body = sent
+    headers = dict(start["headers"])
+    assert start["status"] == 200 and headers[b"Content-Type"] == b"text/event-stream"
+    assert headers[b"X-Porten-Cold-Start"] == b"false" and headers[b"Set-Cookie"].startswith(b"seen=1")
+    assert body == [{"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True},
+                    {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True},
+                    {"type": "http.response.body"}]
+    assert handler.closed
+
+
+async def test_a_pass_through_stream_whose_send_fails_closes_its_source():
+    handler = StreamHandler([b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"])
+    inbox: asyncio.Queue = asyncio.Queue()
+    inbox.put_nowait({"type": "http.request", "body": b"{}", "more_body": False})
+    sent = []
+
+    async def send(message):
+        if len(sent) == 2:
+            raise OSError("the server could not write")
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"", "headers": []}
+    with pytest.raises(OSError):
+        await asyncio.wait_for(handler(scope, inbox.get, send), 10)
+    assert handler.closed and len(sent) == 2
