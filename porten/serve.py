@@ -105,6 +105,16 @@ def _prompt_server() -> None:
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.setTcpNoDelay(True)
+            # Each request asks for both ends of its connection (Twisted's Request does, on every
+            # request): a getsockname call and two validated address objects each time, for
+            # addresses that cannot change while the connection lasts.
+            self._host, self._peer = super().getHost(), super().getPeer()
+
+        def getHost(self):
+            return self._host
+
+        def getPeer(self):
+            return self._peer
 
         def write(self, data: bytes) -> None:
             if self.TLS:  # TLS started on this socket (daphne's ssl: endpoints wrap the protocol instead)

@@ -107,6 +107,9 @@ PROMPT_CHECK = textwrap.dedent("""
     async def main():
         reader, writer, server = await accept()
         assert type(server).__name__ == "PromptServer" and server.getTcpNoDelay()
+        local = writer.get_extra_info("sockname")
+        assert (server.getPeer().host, server.getPeer().port) == local  # the client's end
+        assert server.getHost().port == port.getHost().port and server.getHost() is server.getHost()
 
         # Small writes in one turn go out in one send, without registering the socket with epoll.
         server.write(b"a")
