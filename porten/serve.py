@@ -50,6 +50,16 @@ def _lean_daphne() -> None:
             kwargs.setdefault("parsePOSTFormSubmission", False)
             super().__init__(*args, **kwargs)
 
+        def finish(self) -> None:
+            channel, streamed = self.channel, self.chunked  # the channel is gone once finished
+            super().finish()
+            if streamed:
+                # A stream's last part goes out with its end now, not at the end of the loop turn,
+                # which first runs the stream's clean-up (the engine body's, the gateway's, daphne's).
+                send_now = getattr(getattr(channel, "transport", None), "send_now", None)
+                if send_now is not None:
+                    send_now()
+
     class HTTPFactory(http_protocol.HTTPFactory):
         def log(self, request) -> None:
             pass  # daphne's own access log (--access-log, stdout by default) is the one operators read

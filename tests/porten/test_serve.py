@@ -59,6 +59,13 @@ CHECK = textwrap.dedent("""
     made.server.create_application.side_effect = RuntimeError("no application")
     made.process()
     assert made.basic_error.call_args.args[0] == 500
+    # A finished stream is sent at once; a plain answer waits for the end of the loop turn.
+    for chunked in (1, 0):
+        made = made_request()
+        made.application_queue, made.chunked, made.startedWriting = None, chunked, 1
+        transport = made.channel.transport
+        made.finish()
+        assert transport.send_now.called == bool(chunked)
     factory = server.HTTPFactory(mock.Mock())
     assert isinstance(factory, http.HTTPFactory)
     factory._logFile = mock.Mock()
