@@ -7,6 +7,10 @@
 Each table also measures bench/byte_pipe.py, a relay that only copies bytes: what it adds is the
 cost of one more process and hop on this machine, the floor under any proxy's figure.
 
+cpu/req is the CPU time (user and system) the proxy's process and its children spent per measured
+request: unlike latency on a shared machine, it does not move with how the kernel happens to
+schedule the processes.
+
 Each table runs twice: with every process free to use every core, and with the proxy (the pipe,
 Porten, LiteLLM, measured one at a time) on a core of its own while the load generator and the engine share the rest; the second is
 how a hub runs in production, where clients are elsewhere (bench/harness.py: layouts).
@@ -23,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import REPO, Stack, apply_layout, free_port, layouts, load, summary
+from harness import REPO, Stack, apply_layout, cpu_seconds, free_port, layouts, load, summary
 
 DEFAULT_LITELLM = Path.home() / ".cache/porten-bench/litellm-venv/bin/litellm"
 
@@ -55,10 +59,11 @@ def start_litellm(stack: Stack, binary: Path, upstream: str, model: str) -> tupl
 
 
 def run_table(title: str, targets: dict[str, tuple[str, str | None]], model: str, plan: list[tuple[bool, int, int]],
-              max_tokens: int) -> None:
+              max_tokens: int, pids: dict[str, int]) -> None:
+    """`pids`: the process of each proxy target, whose CPU time per request is shown (cpu/req)."""
     print(f"\n== {title} ==")
     header = f"{'mode':<10}{'clients':>8} {'target':<8}{'p50 ms':>9}{'p99 ms':>9}{'TTFT p50':>10}{'errors':>7}" \
-             f"{'added p50':>11}{'ratio':>7}"
+             f"{'added p50':>11}{'ratio':>7}{'cpu/req':>9}"
     print(header)
     print("-" * len(header))
     for stream, clients, requests in plan:
@@ -66,15 +71,19 @@ def run_table(title: str, targets: dict[str, tuple[str, str | None]], model: str
         for name, (url, key) in targets.items():
             asyncio.run(load(url, model=model, concurrency=clients, requests=max(clients, requests // 10),
                              stream=stream, api_key=key, max_tokens=max_tokens))  # warm connections and caches
+            cpu_before = cpu_seconds(pids[name]) if name in pids else None
             results[name] = summary(asyncio.run(load(url, model=model, concurrency=clients, requests=requests,
                                                      stream=stream, api_key=key, max_tokens=max_tokens)))
+            if cpu_before is not None:
+                results[name]["cpu_ms"] = (cpu_seconds(pids[name]) - cpu_before) / requests * 1000
         base = results["direct"]
         for name, r in results.items():
             added = r["p50_ms"] - base["p50_ms"]
             ratio = r["p50_ms"] / base["p50_ms"]
             ttft = f"{r['ttft_p50_ms']:.2f}" if r["ttft_p50_ms"] is not None else "-"
+            cpu = f"{r['cpu_ms']:.2f}" if "cpu_ms" in r else "-"
             print(f"{'stream' if stream else 'plain':<10}{clients:>8} {name:<8}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-                  f"{ttft:>10}{r['errors']:>7}{added if name != 'direct' else 0:>+11.2f}{ratio:>7.3f}")
+                  f"{ttft:>10}{r['errors']:>7}{added if name != 'direct' else 0:>+11.2f}{ratio:>7.3f}{cpu:>9}")
 
 
 def main() -> None:
@@ -97,17 +106,18 @@ def main() -> None:
         pipe = stack.start([sys.executable, str(REPO / "bench/byte_pipe.py"), "--upstream-port", str(stub_port),
                             "--port", str(pipe_port)], f"http://127.0.0.1:{pipe_port}/health")
         targets = {"direct": (direct, None), "pipe": (f"http://127.0.0.1:{pipe_port}", None), "porten": (hub, key)}
-        proxies = [pipe.pid, stack.hub.pid]
+        pids = {"pipe": pipe.pid, "porten": stack.hub.pid}
         litellm = start_litellm(stack, args.litellm, direct, "stub-model")
         if litellm:
             targets["litellm"] = (litellm[0], LITELLM_KEY)  # both proxies check a key
-            proxies.append(litellm[1])
+            pids["litellm"] = litellm[1]
+        proxies = list(pids.values())
         print(f"Stub engine: 16 tokens, 2 ms apart (about 32 ms per answer); {os.cpu_count()} cores for the load "
               "generator, the engine and the proxy (the pipe, Porten or LiteLLM), in each layout below.")
         plan = [(False, 1, 200), (False, 32, args.requests), (True, 1, 200), (True, 32, args.requests)]
         for layout_name, layout in layouts(proxies):
             apply_layout(layout)
-            run_table(f"stub engine, {layout_name}", targets, "stub-model", plan, max_tokens=16)
+            run_table(f"stub engine, {layout_name}", targets, "stub-model", plan, max_tokens=16, pids=pids)
         apply_layout(layouts(proxies)[0][1])
 
         if args.llama:
@@ -132,7 +142,8 @@ def main() -> None:
                 for layout_name, layout in layouts([stack.hub.pid]):
                     apply_layout(layout)
                     run_table(f"llama.cpp, {layout_name}", llama_targets, "gemma-3-270m",
-                              [(False, 1, 30), (False, 4, 30), (True, 1, 30)], max_tokens=8)
+                              [(False, 1, 30), (False, 4, 30), (True, 1, 30)], max_tokens=8,
+                              pids={"porten": stack.hub.pid})
             finally:
                 stop_engine(proc.pid)
     finally:

@@ -62,6 +62,20 @@ def layouts(proxies: list[int]) -> list[tuple[str, dict[int, set[int]]]]:
     return found
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) that process `pid` and its living child processes have used."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        used = (int(fields[11]) + int(fields[12])) / ticks
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
+                used += cpu_seconds(int(child))
+    except (ProcessLookupError, FileNotFoundError):
+        return 0.0
+    return used
+
+
 def apply_layout(layout: dict[int, set[int]]) -> None:
     for pid, cpus in layout.items():  # this process (and its children) first, then the proxies
         set_cpus(pid, cpus)
