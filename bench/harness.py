@@ -35,16 +35,26 @@ def wait_http(url: str, timeout_s: float = 30) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def set_cpus(pid: int, cpus: set[int]) -> None:
-    """Run every thread of process `pid`, and of its child processes, on `cpus` only."""
+def _threads(pid: int) -> dict[int, list[int]]:
+    """Each thread of process `pid` and of its living child processes, as {thread id: its child pids}."""
+    found = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            os.sched_setaffinity(int(tid), cpus)
-            children = Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+            found[int(tid)] = [int(child) for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
         except (ProcessLookupError, FileNotFoundError):
             continue  # the thread ended meanwhile
+    return found
+
+
+def set_cpus(pid: int, cpus: set[int]) -> None:
+    """Run every thread of process `pid`, and of its child processes, on `cpus` only."""
+    for tid, children in _threads(pid).items():
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except ProcessLookupError:
+            continue
         for child in children:
-            set_cpus(int(child), cpus)
+            set_cpus(child, cpus)
 
 
 def layouts(proxies: list[int]) -> list[tuple[str, dict[int, set[int]]]]:
@@ -64,16 +74,12 @@ def layouts(proxies: list[int]) -> list[tuple[str, dict[int, set[int]]]]:
 
 def cpu_seconds(pid: int) -> float:
     """CPU time (user and system) that process `pid` and its living child processes have used."""
-    ticks = os.sysconf("SC_CLK_TCK")
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        used = (int(fields[11]) + int(fields[12])) / ticks
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
-                used += cpu_seconds(int(child))
+        children = [child for kids in _threads(pid).values() for child in kids]
     except (ProcessLookupError, FileNotFoundError):
         return 0.0
-    return used
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(map(cpu_seconds, children))
 
 
 def apply_layout(layout: dict[int, set[int]]) -> None:
