@@ -48,6 +48,11 @@ pids+=($!)
 .venv/bin/celery -A porten flower --address=127.0.0.1 --port=5555 >"$VAR_DIR/logs/flower.log" 2>&1 &
 pids+=($!)
 
+# Say "up" once this node is online: before its first heartbeat a cold request has nowhere to go.
+if ! "$PY" manage.py wait_for_node --timeout 120; then
+  echo "porten: this node is not online yet; cold requests get 503 no_capacity until it is (logs in $VAR_DIR/logs)" >&2
+fi
+
 cat <<MSG
 
 porten: up. Playground http://127.0.0.1:$PORTEN_PORT/playground/  Admin http://127.0.0.1:$PORTEN_PORT/admin/
