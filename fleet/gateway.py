@@ -8,6 +8,7 @@ import math
 import random
 import time
 import weakref
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -256,6 +257,31 @@ class _Accounting:
             tally().leave(self.instance_id)
 
 
+class _EngineStream:
+    """An engine's streamed answer, passed on as its bytes come (EngineClient asks for no encoding):
+    iterated, or pushed to a writer (PassThroughStream). Closing it (also when the client goes
+    away and Django cancels us) closes the engine connection, which cancels the generation."""
+
+    def __init__(self, client: EngineClient, upstream: httpx.Response, accounting: _Accounting) -> None:
+        self.client, self.upstream, self.accounting = client, upstream, accounting
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for part in self.upstream.stream:
+                yield part
+        finally:
+            await self.aclose()
+
+    async def push(self, write: Callable[[bytes], object]) -> bytes:
+        return await self.client.push(self.upstream, write)
+
+    async def aclose(self) -> None:
+        try:
+            await self.upstream.aclose()
+        finally:
+            self.accounting.close()
+
+
 @functools.lru_cache(maxsize=4096)
 def _engine_url(base_url: str, path: str) -> httpx.URL:
     # Parsed once per engine and path: httpx parses a str URL again on every call, about 30 % of
@@ -298,17 +324,7 @@ async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model_
         _porten_headers(response, route)
         return response
 
-    async def relay():
-        # Closing the upstream response (also when the client goes away and Django cancels us)
-        # cancels the generation on the engine.
-        try:
-            async for chunk in upstream.stream:  # the engine's bytes as they come (EngineClient asks for no encoding)
-                yield chunk
-        finally:
-            await upstream.aclose()
-            accounting.close()
-
-    response = PassThroughStream(relay(), content_type="text/event-stream")
+    response = PassThroughStream(_EngineStream(client, upstream, accounting), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     _porten_headers(response, route)

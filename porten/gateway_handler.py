@@ -30,6 +30,8 @@ from django.http import StreamingHttpResponse
 from django.urls import ResolverMatch, set_script_prefix
 from django.utils.log import log_response
 
+from porten.serve import WRITE_EXTENSION
+
 GATEWAY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 RECYCLE_CONNECTIONS_S = 5.0
 
@@ -38,7 +40,10 @@ class PassThroughStream(StreamingHttpResponse):
     """A stream of bytes ready to send as they come (an engine's server-sent events). The lean
     handler sends each part as one message, without the per-part layers Django's handler runs
     (its __aiter__ and make_bytes wrappers, a chunk_bytes generator per part); anywhere else it is a
-    StreamingHttpResponse like any other."""
+    StreamingHttpResponse like any other. `parts` may also have `push(write)`, which calls
+    write(part) for each part as it comes and at the end returns the last part unwritten (or b""),
+    and `aclose()`: under porten.serve (WRITE_EXTENSION) the lean handler then has the parts pushed
+    to the server's write, with no ASGI message and no task wake-up per part."""
 
     def __init__(self, parts: AsyncIterator[bytes], **kwargs) -> None:
         super().__init__(parts, **kwargs)
@@ -97,20 +102,32 @@ class GatewayASGIHandler(ASGIHandler):
 
         return await super().read_body(replay)
 
-    async def send_response(self, response, send) -> None:
+    async def send_response(self, response, send, write=None) -> None:
+        """Django's, and a PassThroughStream's parts one message each, or pushed to `write` (the
+        server's WRITE_EXTENSION) when there is one and the parts can be pushed."""
         if not isinstance(response, PassThroughStream):
             return await super().send_response(response, send)
         headers = [(name.encode("ascii"), value.encode("latin1")) for name, value in response.items()]
         headers += [(b"Set-Cookie", c.output(header="").encode("ascii").strip()) for c in response.cookies.values()]
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         parts = response.parts
+        push = getattr(parts, "push", None) if write is not None else None
+        end = {"type": "http.response.body"}
         try:
-            async for part in parts:
-                if part:
-                    await send({"type": "http.response.body", "body": part, "more_body": True})
+            if push is not None:
+                # The headers go out now, while the engine works on its first part: daphne holds
+                # them until the first body message, and they would then delay that first token.
+                await send({"type": "http.response.body", "body": b"", "more_body": True})
+                last = await push(write)
+                if last:
+                    end["body"] = last  # the last part goes out with the end, in one send
+            else:
+                async for part in parts:
+                    if part:
+                        await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send(end)
         finally:
             await parts.aclose()  # as Django's aclosing(): a stream left early still closes its source
-        await send({"type": "http.response.body"})
 
     async def get_response_async(self, request):
         # Django's, less set_urlconf: the gateway paths resolve against ROOT_URLCONF, the default.
@@ -159,7 +176,8 @@ class GatewayASGIHandler(ASGIHandler):
         listener.add_done_callback(call.client_left)
         try:
             response = await self.run_get_response(request)
-            await self.send_response(response, send)
+            write = scope.get("extensions", {}).get(WRITE_EXTENSION, {}).get("write")
+            await self.send_response(response, send, write)
             await self._recycle_connections()
         except asyncio.CancelledError:
             if not call.cancelled_for_disconnect:

@@ -21,6 +21,10 @@ only what the socket will not take waits for epoll, with Twisted's back-pressure
 each write instead cost more CPU at 32 clients (measured). Accepted sockets also get TCP_NODELAY,
 as asyncio gives every TCP socket: a token must not wait for the client to acknowledge the one before.
 
+The server also offers the application a plain-call write for the parts of a started response
+(WRITE_EXTENSION), sent at once: the gateway pushes a stream's tokens through it from the engine
+connection's receive callback, with no ASGI message, task wake-up or loop turn per token.
+
 Once the application is loaded, its heap is frozen out of the cycle collector's sight (settle_heap).
 """
 from __future__ import annotations
@@ -31,6 +35,13 @@ import inspect
 import sys
 
 
+# An ASGI extension porten.serve offers in each HTTP scope: {"write": write(body)}, which sends a
+# part of a started response at once, as an http.response.body message with more_body would, but as
+# a plain call from the event loop's thread. The gateway pushes streamed tokens through it straight
+# from the engine connection's receive callback (porten.gateway_handler).
+WRITE_EXTENSION = "porten.http.response.write"
+
+
 def _call(function, *args, **kwargs):
     return function(*args, **kwargs)
 
@@ -39,6 +50,7 @@ def _lean_daphne() -> None:
     from daphne import access, cli, http_protocol, server
     from twisted.internet import defer
     from twisted.python import deprecate
+    from twisted.web import http
 
     class WebRequest(http_protocol.WebRequest):
         # daphne's own hash(id(self)) and id equality, without a Python call for each of the dozen
@@ -50,6 +62,25 @@ def _lean_daphne() -> None:
             kwargs.setdefault("parsePOSTFormSubmission", False)
             super().__init__(*args, **kwargs)
 
+        def write_part(self, body: bytes) -> None:
+            """The WRITE_EXTENSION's write: daphne's handling of a body message with more to come,
+            and the part sent at once (a stream's token must not wait for the end of the turn)."""
+            if self.finished or self.channel is None or self._disconnected:
+                return  # as daphne does once the connection is gone
+            if not self._response_started:
+                raise ValueError("HTTP response has not yet been started")
+            if not body:
+                return
+            transport = self.channel.transport
+            if self.chunked and self.startedWriting and hasattr(transport, "send_at_once"):
+                self.sentLength += len(body)  # what Request.write does, in one send
+                transport.send_at_once(b"%x\r\n%s\r\n" % (len(body), body))
+                return
+            http.Request.write(self, body)  # the headers first
+            send_now = getattr(transport, "send_now", None)
+            if send_now is not None:
+                send_now()
+
         def finish(self) -> None:
             channel, streamed = self.channel, self.chunked  # the channel is gone once finished
             super().finish()
@@ -59,6 +90,12 @@ def _lean_daphne() -> None:
                 send_now = getattr(getattr(channel, "transport", None), "send_now", None)
                 if send_now is not None:
                     send_now()
+
+    class Server(server.Server):
+        def create_application(self, protocol, scope):
+            if scope.get("type") == "http" and isinstance(protocol, WebRequest):
+                scope["extensions"] = {**scope.get("extensions", {}), WRITE_EXTENSION: {"write": protocol.write_part}}
+            return super().create_application(protocol, scope)
 
     class HTTPFactory(http_protocol.HTTPFactory):
         def log(self, request) -> None:
@@ -101,6 +138,7 @@ def _lean_daphne() -> None:
     http_protocol.WebRequest = WebRequest
     server.HTTPFactory = HTTPFactory
     cli.AccessLogGenerator = AccessLogGenerator
+    cli.CommandLineInterface.server_class = Server
 
 
 def _prompt_server() -> None:
@@ -145,6 +183,20 @@ def _prompt_server() -> None:
             if not self._send_due and self not in self.reactor._writers:
                 self._send_due = True
                 self.reactor._asyncioEventloop.call_soon(self.send_now)
+
+        def send_at_once(self, data: bytes) -> None:
+            """write(data) and send it now: one send call when nothing is waiting to go out."""
+            if self.TLS or self._tempDataLen or self.dataBuffer or not self.connected or self._writeDisconnected \
+                    or self.producer is not None and self.producerPaused:
+                self.write(data)
+                return self.send_now()
+            try:
+                sent = self.socket.send(data)
+            except OSError:
+                sent = 0  # write and send_now then handle it as Twisted does (a full buffer, a lost peer)
+            if sent < len(data):
+                self.write(data[sent:])
+                self.send_now()
 
         def send_now(self) -> None:
             """Send what is buffered; what the socket will not take now waits for epoll."""

@@ -416,3 +416,145 @@ async def test_cancelling_a_reader_mid_stream_is_a_cancellation_not_a_timeout():
         reading.cancel()
         with pytest.raises(asyncio.CancelledError):
             await reading
+
+
+# -- pushing a streamed answer to a writer (EngineClient.push) ------------------------------------
+
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+async def test_a_pushed_stream_reaches_the_writer_part_by_part_as_it_arrives():
+    first_out = asyncio.Event()
+
+    async def answer(n, writer):
+        writer.write(STREAM_HEAD + chunk(b"data: first\n\n"))  # the first part comes with the head
+        await writer.drain()
+        await first_out.wait()  # the rest only once the first part was written on
+        writer.write(chunk(b"data: second\n\n"))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(chunk(b"x" * 300) + b"0\r\n\r\n")
+
+    got, in_task = [], []
+
+    def write(part):
+        got.append(part)
+        in_task.append(asyncio.current_task() is not None)
+        first_out.set()
+
+    async with ScriptedEngine(answer) as engine, client() as http:
+        async with http.stream("POST", engine.url + "/v1/completions", json={"stream": True}) as response:
+            last = await asyncio.wait_for(http.push(response, write), timeout=5)
+        assert got == [b"data: first\n\n", b"data: second\n\n"]
+        assert last == b"x" * 300  # it came with the end: left for the caller to send with its own end
+        # What came with the head goes out from the pushing task; the rest from the receive
+        # callback, with no task woken for it.
+        assert in_task == [True, False]
+        again = await http.post(engine.url + "/v1/completions", json={"stream": True})
+        assert again.content == b"data: first\n\ndata: second\n\n" + b"x" * 300
+    assert engine.connections == 1  # pushed to the end, so reused
+
+
+async def test_a_pushed_answer_framed_by_its_length_is_passed_on_whole():
+    async def answer(n, writer):
+        writer.write(sized(b'{"ok": true}'))
+
+    async with ScriptedEngine(answer) as engine, client() as http:
+        got = []
+        async with http.stream("POST", engine.url + "/x", content=b"{}") as response:
+            assert await http.push(response, got.append) == b""
+        assert got == [b'{"ok": true}']
+
+
+async def test_a_pushed_stream_that_keeps_coming_within_the_read_timeout_does_not_time_out():
+    async def answer(n, writer):
+        writer.write(STREAM_HEAD)
+        for i in range(6):  # 1.2 s in all, each part within the 0.3 s read timeout
+            await asyncio.sleep(0.2)
+            writer.write(chunk(b"t%d " % i))
+            await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"0\r\n\r\n")
+
+    async with ScriptedEngine(answer) as engine, client(read=0.3) as http:
+        got = []
+        async with http.stream("POST", engine.url + "/x", content=b"{}") as response:
+            assert await http.push(response, got.append) == b""  # the end came alone
+        assert b"".join(got) == b"t0 t1 t2 t3 t4 t5 "
+
+
+@pytest.mark.parametrize("rest, error", [
+    (b"zz\r\n", httpx.RemoteProtocolError),  # broken chunked coding
+    (b"close", httpx.RemoteProtocolError),  # the engine closes mid-answer
+    (b"stall", httpx.ReadTimeout),  # the engine stops sending
+])
+async def test_a_pushed_stream_that_breaks_fails_as_iterating_it_would(rest, error):
+    async def answer(n, writer):
+        if n > 1:
+            writer.write(sized(b"ok"))
+            return
+        writer.write(STREAM_HEAD + chunk(b"data: a\n\n"))
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        if rest == b"close":
+            return "close"
+        if rest == b"stall":
+            await asyncio.sleep(30)
+        writer.write(rest)
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    async with ScriptedEngine(answer) as engine, client(read=0.5) as http:
+        got = []
+        async with http.stream("POST", engine.url + "/x", content=b"{}") as response:
+            with pytest.raises(error) as raised:
+                await asyncio.wait_for(http.push(response, got.append), timeout=5)
+        assert raised.value.request is response.request
+        assert got == [b"data: a\n\n"]
+        assert (await http.post(engine.url + "/x", content=b"{}")).content == b"ok"
+    assert engine.connections == 2  # the broken connection was not kept
+
+
+async def test_a_writer_that_fails_stops_the_push_and_the_connection_is_closed():
+    async def answer(n, writer):
+        writer.write(STREAM_HEAD)
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            writer.write(chunk(b"token"))
+            await writer.drain()
+
+    def write(part):
+        raise RuntimeError("the caller is gone")
+
+    async with ScriptedEngine(answer) as engine, client() as http:
+        async with http.stream("POST", engine.url + "/x", content=b"{}") as response:
+            with pytest.raises(RuntimeError, match="the caller is gone"):
+                await asyncio.wait_for(http.push(response, write), timeout=5)
+        await asyncio.wait_for(engine.closed.wait(), timeout=5)
+
+
+async def test_cancelling_a_push_mid_stream_is_a_cancellation_and_closing_stops_the_engine():
+    async def answer(n, writer):
+        writer.write(STREAM_HEAD)
+        for _ in range(200):
+            writer.write(chunk(b"token"))
+            await writer.drain()
+            await asyncio.sleep(0.02)
+
+    async with ScriptedEngine(answer) as engine, client(read=0.3) as http:
+        got = []
+
+        async def push_all():
+            async with http.stream("POST", engine.url + "/x", content=b"{}") as response:
+                await http.push(response, got.append)
+
+        pushing = asyncio.create_task(push_all())
+        await asyncio.sleep(0.5)  # longer than the read timeout: a timer that fired would show here
+        pushing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pushing
+        assert len(got) > 5 and set(got) == {b"token"}
+        await asyncio.wait_for(engine.closed.wait(), timeout=5)
+        count = len(got)
+        await asyncio.sleep(0.1)
+        assert len(got) == count  # nothing is written on once the push is over

@@ -165,3 +165,84 @@ async def test_a_pass_through_stream_whose_send_fails_closes_its_source():
     with pytest.raises(OSError):
         await asyncio.wait_for(handler(scope, inbox.get, send), 10)
     assert handler.closed and len(sent) == 2
+
+
+class Pushable:
+    """A stream source that can also push its parts to a writer, as the gateway's engine streams can."""
+
+    def __init__(self, parts: list[bytes], fail_after: int | None = None) -> None:
+        self.parts, self.fail_after, self.closed = parts, fail_after, False
+
+    async def __aiter__(self):
+        for part in self.parts:
+            yield part
+
+    async def push(self, write) -> bytes:
+        *parts, last = self.parts
+        for i, part in enumerate(parts):
+            if i == self.fail_after:
+                raise ConnectionError("the engine went away")
+            write(part)
+            await asyncio.sleep(0)
+        return last  # what came with the end
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class PushHandler(GatewayASGIHandler):
+    def __init__(self, source: Pushable) -> None:
+        super().__init__()
+        self.source = source
+
+    async def run_get_response(self, request):
+        from porten.gateway_handler import PassThroughStream
+
+        return PassThroughStream(self.source, content_type="text/event-stream")
+
+
+@pytest.mark.parametrize("server_writes", [True, False])
+async def test_a_pass_through_stream_is_pushed_to_the_servers_write_when_it_offers_one(server_writes):
+    from porten.serve import WRITE_EXTENSION
+
+    source = Pushable([b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"])
+    inbox: asyncio.Queue = asyncio.Queue()
+    inbox.put_nowait({"type": "http.request", "body": b"{}", "more_body": False})
+    sent, written = [], []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"", "headers": []}
+    if server_writes:
+        scope["extensions"] = {WRITE_EXTENSION: {"write": written.append}}
+    await asyncio.wait_for(PushHandler(source)(scope, inbox.get, send), 10)
+    start, *body = sent
+    assert start["type"] == "http.response.start"
+    if server_writes:  # the headers at once, the parts written, the last one with the end
+        assert body == [{"type": "http.response.body", "body": b"", "more_body": True},
+                        {"type": "http.response.body", "body": b"data: [DONE]\n\n"}]
+        assert written == [b"data: 1\n\n", b"data: 2\n\n"]
+    else:
+        assert [m.get("body") for m in body] == [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n", None]
+        assert not written
+    assert source.closed
+
+
+async def test_a_pushed_stream_that_breaks_closes_its_source_and_the_error_goes_up():
+    from porten.serve import WRITE_EXTENSION
+
+    source = Pushable([b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"], fail_after=1)
+    inbox: asyncio.Queue = asyncio.Queue()
+    inbox.put_nowait({"type": "http.request", "body": b"{}", "more_body": False})
+    sent, written = [], []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"", "headers": [],
+             "extensions": {WRITE_EXTENSION: {"write": written.append}}}
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(PushHandler(source)(scope, inbox.get, send), 10)
+    assert written == [b"data: 1\n\n"] and source.closed
+    assert not [m for m in sent if m["type"] == "http.response.body" and not m.get("more_body")]  # no clean end

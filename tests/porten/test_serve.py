@@ -66,6 +66,44 @@ CHECK = textwrap.dedent("""
         transport = made.channel.transport
         made.finish()
         assert transport.send_now.called == bool(chunked)
+    # A streamed part goes out framed and at once, in one send; the first one with the headers.
+    made = made_request()
+    made._response_started = True
+    made.write_part(b"hello")
+    assert made.chunked and made.channel.writeHeaders.called
+    made.channel.writeSequence.assert_called_once_with((b"5", b"\\r\\n", b"hello", b"\\r\\n"))
+    made.channel.transport.send_now.assert_called_once_with()
+    made.write_part(b"data: x\\n\\n")
+    made.channel.transport.send_at_once.assert_called_once_with(b"9\\r\\ndata: x\\n\\n\\r\\n")
+    assert made.sentLength == 5 + 9
+    made._disconnected = True  # the client left: nothing more is written
+    made.write_part(b"more")
+    assert made.channel.transport.send_at_once.call_count == 1 and made.sentLength == 14
+    try:
+        made_request().write_part(b"too early")
+        raise AssertionError("a part before the response started was taken")
+    except ValueError:
+        pass
+    # The server offers that write to the application in each HTTP scope.
+    import asyncio
+
+    from daphne import cli
+    from porten.serve import WRITE_EXTENSION
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope)
+
+    hub = cli.CommandLineInterface.server_class.__new__(cli.CommandLineInterface.server_class)
+    assert isinstance(hub, server.Server) and type(hub) is not server.Server
+    made = made_request()
+    hub.connections, hub.application = {made: {}}, app
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    hub.create_application(made, {"type": "http", "extensions": {"other": {}}})
+    loop.run_until_complete(hub.connections[made]["application_instance"])
+    assert seen[0]["extensions"]["other"] == {} and seen[0]["extensions"][WRITE_EXTENSION]["write"] == made.write_part
     factory = server.HTTPFactory(mock.Mock())
     assert isinstance(factory, http.HTTPFactory)
     factory._logFile = mock.Mock()
@@ -124,9 +162,17 @@ PROMPT_CHECK = textwrap.dedent("""
         assert await asyncio.wait_for(reader.readexactly(3), 5) == b"abc"
         assert server not in reactor._writers
 
+        # send_at_once sends within the call, with no loop turn; behind unsent data, it waits its turn.
+        server.send_at_once(b"now")
+        assert not server._tempDataLen and not server.dataBuffer
+        assert await asyncio.wait_for(reader.readexactly(3), 5) == b"now"
+        server.write(b"first ")
+        server.send_at_once(b"second")
+        assert await asyncio.wait_for(reader.readexactly(12), 5) == b"first second"
+
         # More than the socket takes: the rest waits for epoll and arrives whole and in order.
         big = bytes(range(256)) * 32 * 1024
-        server.write(big)
+        server.send_at_once(big)
         server.write(b"end")
         for _ in range(3):
             await asyncio.sleep(0)
