@@ -59,13 +59,18 @@ CHECK = textwrap.dedent("""
     made.server.create_application.side_effect = RuntimeError("no application")
     made.process()
     assert made.basic_error.call_args.args[0] == 500
-    # A finished stream is sent at once; a plain answer waits for the end of the loop turn.
+    # An answer's end is sent at once, before daphne's and Twisted's clean-up; a stream's last
+    # chunk is written once.
     for chunked in (1, 0):
         made = made_request()
         made.application_queue, made.chunked, made.startedWriting = None, chunked, 1
-        transport = made.channel.transport
+        channel, order = made.channel, []
+        channel.transport.send_now.side_effect = lambda: order.append("sent")
+        channel.requestDone.side_effect = lambda request: order.append("cleaned up")
         made.finish()
-        assert transport.send_now.called == bool(chunked)
+        assert order == ["sent", "cleaned up"], order
+        assert [c.args for c in channel.write.call_args_list] == ([(b"0\\r\\n\\r\\n",)] if chunked else [])
+        assert made.finished
     # A streamed part goes out framed and at once, in one send; the first one with the headers.
     made = made_request()
     made._response_started = True
