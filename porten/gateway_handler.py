@@ -30,7 +30,7 @@ from django.http import StreamingHttpResponse
 from django.urls import ResolverMatch, set_script_prefix
 from django.utils.log import log_response
 
-from porten.serve import WRITE_EXTENSION
+from porten.serve import SERVER_EXTENSION
 
 GATEWAY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 RECYCLE_CONNECTIONS_S = 5.0
@@ -42,7 +42,7 @@ class PassThroughStream(StreamingHttpResponse):
     (its __aiter__ and make_bytes wrappers, a chunk_bytes generator per part); anywhere else it is a
     StreamingHttpResponse like any other. `parts` may also have `push(write)`, which calls
     write(part) for each part as it comes and at the end returns the last part unwritten (or b""),
-    and `aclose()`: under porten.serve (WRITE_EXTENSION) the lean handler then has the parts pushed
+    and `aclose()`: under porten.serve (SERVER_EXTENSION) the lean handler then has the parts pushed
     to the server's write, with no ASGI message and no task wake-up per part."""
 
     def __init__(self, parts: AsyncIterator[bytes], **kwargs) -> None:
@@ -62,10 +62,14 @@ class _Call:
         self.task, self.over, self.cancelled_for_disconnect = task, False, False
 
     def client_left(self, listener: asyncio.Task) -> None:
-        if listener.cancelled() or not isinstance(listener.exception(), RequestAborted) or self.over:
-            return  # cancelled by us once the answer was sent, or the disconnect came after it
-        self.cancelled_for_disconnect = True
-        self.task.cancel()
+        if listener.cancelled() or not isinstance(listener.exception(), RequestAborted):
+            return  # cancelled by us once the answer was sent
+        self.client_gone()
+
+    def client_gone(self) -> None:
+        if not self.over:  # else the disconnect came after the answer
+            self.cancelled_for_disconnect = True
+            self.task.cancel()
 
 
 class GatewayASGIHandler(ASGIHandler):
@@ -104,7 +108,7 @@ class GatewayASGIHandler(ASGIHandler):
 
     async def send_response(self, response, send, write=None) -> None:
         """Django's, and a PassThroughStream's parts one message each, or pushed to `write` (the
-        server's WRITE_EXTENSION) when there is one and the parts can be pushed."""
+        server's SERVER_EXTENSION) when there is one and the parts can be pushed."""
         if not isinstance(response, PassThroughStream):
             return await super().send_response(response, send)
         headers = [(name.encode("ascii"), value.encode("latin1")) for name, value in response.items()]
@@ -171,13 +175,18 @@ class GatewayASGIHandler(ASGIHandler):
 
         # As in Django, a client disconnect cancels the view (and so the upstream request), but the
         # view runs in this task rather than a second one: one task and one loop turn less per call.
+        # Under porten.serve the server calls back on a disconnect: no listening task at all.
         call = _Call(asyncio.current_task())
-        listener = asyncio.create_task(self.listen_for_disconnect(receive))
-        listener.add_done_callback(call.client_left)
+        server = scope.get("extensions", {}).get(SERVER_EXTENSION)
+        if server is not None:
+            listener = None
+            server["on_disconnect"](call.client_gone)
+        else:
+            listener = asyncio.create_task(self.listen_for_disconnect(receive))
+            listener.add_done_callback(call.client_left)
         try:
             response = await self.run_get_response(request)
-            write = scope.get("extensions", {}).get(WRITE_EXTENSION, {}).get("write")
-            await self.send_response(response, send, write)
+            await self.send_response(response, send, server and server["write"])
             await self._recycle_connections()
         except asyncio.CancelledError:
             if not call.cancelled_for_disconnect:
@@ -185,7 +194,8 @@ class GatewayASGIHandler(ASGIHandler):
             call.task.uncancel()  # the client went away: nothing is left to answer
         finally:
             call.over = True
-            listener.cancel()
+            if listener is not None:
+                listener.cancel()
             body_file.close()
 
     async def _recycle_connections(self) -> None:

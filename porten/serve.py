@@ -19,12 +19,13 @@ per streamed chunk. Here a connection sends at the end of the loop turn in which
 (all of that turn's writes in one send, as before: a response's headers and body go out together);
 only what the socket will not take waits for epoll, with Twisted's back-pressure. An answer's end
 goes out at once when it is written, before the clean-up after it, and a stream's parts are sent
-as they come (WRITE_EXTENSION below). Accepted sockets also get TCP_NODELAY,
+as they come (SERVER_EXTENSION below). Accepted sockets also get TCP_NODELAY,
 as asyncio gives every TCP socket: a token must not wait for the client to acknowledge the one before.
 
-The server also offers the application a plain-call write for the parts of a started response
-(WRITE_EXTENSION), sent at once: the gateway pushes a stream's tokens through it from the engine
-connection's receive callback, with no ASGI message, task wake-up or loop turn per token.
+The server also offers the application two plain calls (SERVER_EXTENSION): a write for the parts
+of a started response, sent at once, through which the gateway pushes a stream's tokens from the
+engine connection's receive callback (no ASGI message, task wake-up or loop turn per token); and
+a callback on the client's disconnect, in place of a task per request listening for it.
 
 Once the application is loaded, its heap is frozen out of the cycle collector's sight (settle_heap).
 """
@@ -36,11 +37,13 @@ import inspect
 import sys
 
 
-# An ASGI extension porten.serve offers in each HTTP scope: {"write": write(body)}, which sends a
-# part of a started response at once, as an http.response.body message with more_body would, but as
-# a plain call from the event loop's thread. The gateway pushes streamed tokens through it straight
-# from the engine connection's receive callback (porten.gateway_handler).
-WRITE_EXTENSION = "porten.http.response.write"
+# An ASGI extension porten.serve offers in each HTTP scope, as {"write": ..., "on_disconnect": ...},
+# two plain calls from the event loop's thread (porten.gateway_handler uses them):
+# - write(body) sends a part of a started response at once, as an http.response.body message with
+#   more_body would;
+# - on_disconnect(callback) has callback() called once if the client's connection is lost before
+#   the response is finished (at once if it already was), as the http.disconnect message would be.
+SERVER_EXTENSION = "porten.http"
 
 
 def _call(function, *args, **kwargs):
@@ -64,7 +67,7 @@ def _lean_daphne() -> None:
             super().__init__(*args, **kwargs)
 
         def write_part(self, body: bytes) -> None:
-            """The WRITE_EXTENSION's write: daphne's handling of a body message with more to come,
+            """The SERVER_EXTENSION's write: daphne's handling of a body message with more to come,
             and the part sent at once (a stream's token must not wait for the end of the turn)."""
             if self.finished or self.channel is None or self._disconnected:
                 return  # as daphne does once the connection is gone
@@ -82,7 +85,23 @@ def _lean_daphne() -> None:
             if send_now is not None:
                 send_now()
 
+        _disconnect_callback = None
+
+        def on_disconnect(self, callback) -> None:
+            """The SERVER_EXTENSION's on_disconnect."""
+            if self._disconnected and not self.finished:
+                callback()
+            elif not self.finished:
+                self._disconnect_callback = callback
+
+        def connectionLost(self, reason) -> None:
+            callback, self._disconnect_callback = self._disconnect_callback, None
+            super().connectionLost(reason)
+            if callback is not None:
+                callback()
+
         def finish(self) -> None:
+            self._disconnect_callback = None
             # The answer's end goes out first, then daphne's and Twisted's clean-up (the app's
             # disconnect message, the connection's next-request state, timers), which cost about
             # 0.2 ms with the caches cold and held the end back until it was done.
@@ -100,7 +119,8 @@ def _lean_daphne() -> None:
     class Server(server.Server):
         def create_application(self, protocol, scope):
             if scope.get("type") == "http" and isinstance(protocol, WebRequest):
-                scope["extensions"] = {**scope.get("extensions", {}), WRITE_EXTENSION: {"write": protocol.write_part}}
+                scope["extensions"] = {**scope.get("extensions", {}), SERVER_EXTENSION: {
+                    "write": protocol.write_part, "on_disconnect": protocol.on_disconnect}}
             return super().create_application(protocol, scope)
 
     class HTTPFactory(http_protocol.HTTPFactory):

@@ -60,23 +60,39 @@ class SlowViewHandler(GatewayASGIHandler):
             raise
 
 
-def _slow_call(handler, inbox: asyncio.Queue, sent: list):
+def _slow_call(handler, inbox: asyncio.Queue, sent: list, scope_extensions: dict | None = None):
     inbox.put_nowait({"type": "http.request", "body": b"{}", "more_body": False})
 
     async def send(message):
         sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"", "headers": []}
+    if scope_extensions is not None:
+        scope["extensions"] = scope_extensions
     return asyncio.create_task(handler(scope, inbox.get, send))
 
 
-async def test_a_client_disconnect_cancels_the_view_and_ends_the_call_quietly():
+@pytest.mark.parametrize("server_calls_back", [False, True])
+async def test_a_client_disconnect_cancels_the_view_and_ends_the_call_quietly(server_calls_back):
+    from porten.serve import SERVER_EXTENSION
+
     handler, inbox, sent = SlowViewHandler(), asyncio.Queue(), []
-    call = _slow_call(handler, inbox, sent)
+    callbacks = []
+    extensions = {SERVER_EXTENSION: {"write": sent.append, "on_disconnect": callbacks.append}}
+    call = _slow_call(handler, inbox, sent, extensions if server_calls_back else None)
     await asyncio.wait_for(handler.started.wait(), 5)
-    inbox.put_nowait({"type": "http.disconnect"})
+    if server_calls_back:  # porten.serve calls back; nothing listens on the ASGI queue
+        assert len(callbacks) == 1
+        callbacks[0]()
+    else:
+        assert not callbacks
+        inbox.put_nowait({"type": "http.disconnect"})
     await asyncio.wait_for(call, 5)  # returns, raises nothing
     assert handler.cancelled and sent == []
+    if server_calls_back:
+        inbox.put_nowait({"type": "http.disconnect"})
+        await asyncio.sleep(0.01)
+        assert inbox.qsize() == 1  # nobody read it: no listening task was made
 
 
 async def test_a_server_stopping_cancels_the_call_and_the_cancellation_goes_on_up():
@@ -203,7 +219,7 @@ class PushHandler(GatewayASGIHandler):
 
 @pytest.mark.parametrize("server_writes", [True, False])
 async def test_a_pass_through_stream_is_pushed_to_the_servers_write_when_it_offers_one(server_writes):
-    from porten.serve import WRITE_EXTENSION
+    from porten.serve import SERVER_EXTENSION
 
     source = Pushable([b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"])
     inbox: asyncio.Queue = asyncio.Queue()
@@ -215,7 +231,7 @@ async def test_a_pass_through_stream_is_pushed_to_the_servers_write_when_it_offe
 
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"", "headers": []}
     if server_writes:
-        scope["extensions"] = {WRITE_EXTENSION: {"write": written.append}}
+        scope["extensions"] = {SERVER_EXTENSION: {"write": written.append, "on_disconnect": lambda callback: None}}
     await asyncio.wait_for(PushHandler(source)(scope, inbox.get, send), 10)
     start, *body = sent
     assert start["type"] == "http.response.start"
@@ -230,7 +246,7 @@ async def test_a_pass_through_stream_is_pushed_to_the_servers_write_when_it_offe
 
 
 async def test_a_pushed_stream_that_breaks_closes_its_source_and_the_error_goes_up():
-    from porten.serve import WRITE_EXTENSION
+    from porten.serve import SERVER_EXTENSION
 
     source = Pushable([b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"], fail_after=1)
     inbox: asyncio.Queue = asyncio.Queue()
@@ -241,7 +257,7 @@ async def test_a_pushed_stream_that_breaks_closes_its_source_and_the_error_goes_
         sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"", "headers": [],
-             "extensions": {WRITE_EXTENSION: {"write": written.append}}}
+             "extensions": {SERVER_EXTENSION: {"write": written.append, "on_disconnect": lambda callback: None}}}
     with pytest.raises(ConnectionError):
         await asyncio.wait_for(PushHandler(source)(scope, inbox.get, send), 10)
     assert written == [b"data: 1\n\n"] and source.closed

@@ -93,7 +93,7 @@ CHECK = textwrap.dedent("""
     import asyncio
 
     from daphne import cli
-    from porten.serve import WRITE_EXTENSION
+    from porten.serve import SERVER_EXTENSION
 
     seen = []
 
@@ -108,7 +108,29 @@ CHECK = textwrap.dedent("""
     asyncio.set_event_loop(loop)
     hub.create_application(made, {"type": "http", "extensions": {"other": {}}})
     loop.run_until_complete(hub.connections[made]["application_instance"])
-    assert seen[0]["extensions"]["other"] == {} and seen[0]["extensions"][WRITE_EXTENSION]["write"] == made.write_part
+    offered = seen[0]["extensions"][SERVER_EXTENSION]
+    assert seen[0]["extensions"]["other"] == {}
+    assert offered == {"write": made.write_part, "on_disconnect": made.on_disconnect}
+    # on_disconnect: called back once if the connection is lost before the answer is finished,
+    # at once if it already was, and never once the answer is finished.
+    from twisted.internet import error
+    from twisted.python import failure
+
+    lost = failure.Failure(error.ConnectionLost())
+    for finished_first in (False, True):
+        made, called = made_request(), []
+        made.application_queue = None
+        made.on_disconnect(lambda: called.append("gone"))
+        if finished_first:
+            made.startedWriting = 1
+            made.finish()
+        made.connectionLost(lost)
+        assert called == ([] if finished_first else ["gone"]), called
+    made, called = made_request(), []
+    made.application_queue = None
+    made.connectionLost(lost)
+    made.on_disconnect(lambda: called.append("gone"))
+    assert called == ["gone"]
     factory = server.HTTPFactory(mock.Mock())
     assert isinstance(factory, http.HTTPFactory)
     factory._logFile = mock.Mock()
