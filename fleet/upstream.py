@@ -29,6 +29,7 @@ from httpx._client import USE_CLIENT_DEFAULT, ClientState, UseClientDefault
 MAX_IDLE_PER_HOST = 64
 MAX_CONNECTIONS_PER_HOST = 2000  # past it, requests queue for a connection (httpx's pool did too)
 READ_SIZE = 65_536
+RECEIVE_BUFFER = 16_384  # per open connection: a streamed token is a few hundred bytes
 MAX_HEAD_BYTES = 65_536
 
 
@@ -470,12 +471,12 @@ class EngineTransport(httpx.AsyncBaseTransport):
 
 class _ReceivingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
     """asyncio's stream protocol, receiving into one buffer per connection (asyncio otherwise makes
-    a new 256 KiB bytes object per read). While a body is pushed (_Body.push), what arrives goes
-    to its _Push instead of the stream reader."""
+    a new 256 KiB bytes object per read, above glibc's mmap threshold). While a body is pushed
+    (_Body.push), what arrives goes to its _Push instead of the stream reader."""
 
     def __init__(self, reader: asyncio.StreamReader) -> None:
         super().__init__(reader)
-        self._receive = memoryview(bytearray(READ_SIZE))
+        self._receive = memoryview(bytearray(RECEIVE_BUFFER))
         self.push: _Push | None = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
