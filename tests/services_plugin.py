@@ -2,6 +2,7 @@
 on a free port and points every setting that reads the environment at test-only places."""
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -60,9 +61,16 @@ def pytest_load_initial_conftests(early_config, parser, args):
     port = free_port()
     _state["redis"] = start_redis(port, workdir)
     os.environ["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+    # pytest calls pytest_unconfigure only once configured: a run that stops before (a usage error,
+    # an unknown option) would leave its Redis running.
+    atexit.register(stop_services)
 
 
 def pytest_unconfigure(config):
+    stop_services()
+
+
+def stop_services() -> None:
     proc = _state.pop("redis", None)
     if proc is not None:
         proc.terminate()
