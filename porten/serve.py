@@ -50,6 +50,13 @@ def _call(function, *args, **kwargs):
     return function(*args, **kwargs)
 
 
+def _send_now(transport) -> None:
+    """Send what `transport` holds now, if it is a PromptServer (TLS wrappers are not)."""
+    send_now = getattr(transport, "send_now", None)
+    if send_now is not None:
+        send_now()
+
+
 def _lean_daphne() -> None:
     from daphne import access, cli, http_protocol, server
     from twisted.internet import defer
@@ -81,9 +88,7 @@ def _lean_daphne() -> None:
                 transport.send_at_once(b"%x\r\n%s\r\n" % (len(body), body))
                 return
             http.Request.write(self, body)  # the headers first
-            send_now = getattr(transport, "send_now", None)
-            if send_now is not None:
-                send_now()
+            _send_now(transport)
 
         _disconnect_callback = None
 
@@ -111,9 +116,7 @@ def _lean_daphne() -> None:
                 if self.chunked:
                     self.channel.write(b"0\r\n\r\n")  # the last chunk, as Twisted's finish would
                     self.chunked = 0  # (written: finish must not write it again)
-                send_now = getattr(self.channel.transport, "send_now", None)
-                if send_now is not None:
-                    send_now()
+                _send_now(self.channel.transport)
             super().finish()
 
     class Server(server.Server):
