@@ -235,6 +235,85 @@ def test_hub_connections_send_at_once_and_keep_back_pressure_and_closing_right()
     assert result.stdout.strip() == "prompt"
 
 
+IDLE_CHECK = textwrap.dedent("""
+    from unittest import mock
+
+    from daphne import http_protocol, server
+    from twisted.internet import task
+    from twisted.internet.testing import StringTransport
+    from twisted.web import http
+
+    from porten.serve import _lean_daphne
+
+    _lean_daphne()
+    clock, answering = task.Clock(), []
+    timers_made = []
+
+    def call_later(delay, function):
+        timers_made.append(delay)
+        return clock.callLater(delay, function)
+
+    class Request(http.Request):
+        def process(self):
+            answering.append(self)
+
+    factory = server.HTTPFactory(mock.Mock())
+    factory.timeOut = 10
+    connection = factory.buildProtocol(None)
+    connection.requestFactory, connection.callLater = Request, call_later
+    connection._channel.clock = clock.seconds
+    transport = StringTransport()
+    connection.makeConnection(transport)
+    assert len(clock.getDelayedCalls()) == 1
+
+    # Bytes keep the connection alive: at the timer's end, it waits for the rest of the period.
+    clock.advance(6)
+    connection.dataReceived(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")
+    clock.advance(4)
+    assert not transport.disconnecting, "closed 4 s after the client last sent"
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [16]
+
+    # A request being answered is never timed out, however long it takes.
+    connection.dataReceived(b"\\r\\n")
+    assert len(answering) == 1
+    clock.advance(100)
+    assert not transport.disconnecting, "timed out while answering"
+    assert not clock.getDelayedCalls(), "a timer left running while answering"
+    answering[0].finish()
+    clock.advance(9)
+    assert not transport.disconnecting, "timed out 9 s after the answer"
+
+    # Many requests on the connection: no timer is made or stopped for them.
+    made = len(timers_made)
+    for _ in range(50):
+        connection.dataReceived(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+        answering[-1].finish()
+    assert len(timers_made) == made, timers_made
+    assert len(answering) == 51
+
+    # Idle for the whole period: closed, as Twisted's own timeout closes it.
+    clock.advance(10)
+    assert transport.disconnecting, "an idle connection was kept open"
+
+    # A lost connection leaves no timer behind.
+    other = factory.buildProtocol(None)
+    other.callLater = clock.callLater
+    other._channel.clock = clock.seconds
+    other.makeConnection(StringTransport())
+    before = len(clock.getDelayedCalls())
+    other.connectionLost(None)
+    assert len(clock.getDelayedCalls()) == before - 1
+    print("idle")
+""")
+
+
+def test_hub_connections_time_out_when_idle_with_one_timer_each_not_per_request():
+    result = subprocess.run([sys.executable, "-c", IDLE_CHECK], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "idle"
+
+
 HEAP_CHECK = textwrap.dedent("""
     import gc
 
