@@ -21,7 +21,8 @@ EngineClient is the `httpx.AsyncClient` the gateway uses over it, without a cook
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import httpx
 from httpx._client import USE_CLIENT_DEFAULT, ClientState, UseClientDefault
@@ -32,13 +33,16 @@ READ_SIZE = 65_536
 RECEIVE_BUFFER = 16_384  # per open connection: a streamed token is a few hundred bytes
 MAX_HEAD_BYTES = 65_536
 
+T = TypeVar("T")
+
 
 class _Connection:
-    __slots__ = ("reader", "writer", "used")
+    __slots__ = ("reader", "writer", "used", "deadline")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
         self.used = False
+        self.deadline = _ReadDeadline()
 
     @property
     def protocol(self) -> _ReceivingProtocol | None:
@@ -49,6 +53,7 @@ class _Connection:
         return not self.writer.is_closing() and not self.reader.at_eof()
 
     def close(self) -> None:
+        self.deadline.close()
         self.writer.close()
 
 
@@ -98,27 +103,35 @@ class _Chunks:
 
 
 class _ReadDeadline:
-    """Reads a body with httpx's read timeout (the longest wait for the engine's next bytes)
-    without a timer per read. asyncio.timeout around each read made and cancelled a timer for every
-    streamed token; this keeps one timer per body, moved on only when it fires: if the reader has
-    been waiting that long, its task is cancelled and the read raises TimeoutError. Time the caller
-    spends between reads (sending the last token on) does not count."""
+    """A connection's read timeout (httpx's: the longest wait for the engine's next bytes), kept
+    with one timer per connection, moved on only when it fires. asyncio.timeout around each read
+    made and cancelled a timer for every read: three per call (the request's write, the answer's
+    head, its body) and one per streamed token. Here a read only notes when it started; if the
+    timer finds a read waiting for that long, it cancels the reading task, and the read raises
+    TimeoutError. Time the caller spends between reads (sending the last token on) does not count,
+    and a connection idle in the pool lets its timer lapse."""
 
-    __slots__ = ("reader", "timeout_s", "loop", "task", "since", "reading", "expired", "cancelling", "timer")
+    __slots__ = ("loop", "timeout_s", "task", "since", "reading", "expired", "cancelling", "timer")
 
-    def __init__(self, reader: asyncio.StreamReader, timeout_s: float | None) -> None:
-        self.reader, self.timeout_s = reader, timeout_s
+    def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.task: asyncio.Task | None = None
-        self.since, self.reading, self.expired, self.cancelling = self.loop.time(), False, False, 0
-        self.timer = None if timeout_s is None else self.loop.call_at(self.since + timeout_s, self._check)
+        self.timeout_s, self.task, self.timer = None, None, None
+        self.since, self.reading, self.expired, self.cancelling = 0.0, False, False, 0
 
-    async def __call__(self, size: int) -> bytes:
+    async def wait(self, read: Awaitable[T], timeout_s: float | None) -> T:
+        """`await read` (a read of this connection), failing with TimeoutError if it waits
+        `timeout_s` for bytes (`arrived` moves that on while it waits)."""
+        if timeout_s is None:
+            return await read
+        self.task, self.since, self.reading, self.expired = asyncio.current_task(), self.loop.time(), True, False
+        self.timeout_s = timeout_s
         if self.timer is None:
-            return await self.reader.read(size)
-        self.task, self.since, self.reading = asyncio.current_task(), self.loop.time(), True
+            self.timer = self.loop.call_at(self.since + timeout_s, self._check)
+        elif self.timer.when() > self.since + timeout_s:  # a shorter timeout than the last read's
+            self.timer.cancel()
+            self.timer = self.loop.call_at(self.since + timeout_s, self._check)
         try:
-            return await self.reader.read(size)
+            return await read
         except asyncio.CancelledError:
             if self.expired and self.task.uncancel() <= self.cancelling:
                 raise TimeoutError from None  # our cancellation, and nobody else's
@@ -126,40 +139,41 @@ class _ReadDeadline:
         finally:
             self.reading = False
 
+    def arrived(self) -> None:
+        self.since = self.loop.time()
+
     def _check(self) -> None:
-        if self.reading and not self.expired and self.loop.time() - self.since >= self.timeout_s:
+        self.timer = None
+        if not self.reading or self.expired:
+            return  # the next read starts the timer again
+        if self.loop.time() - self.since >= self.timeout_s:
             self.expired = True
             self.cancelling = self.task.cancelling()
             self.task.cancel()
             return
-        start = self.since if self.reading else self.loop.time()
-        self.timer = self.loop.call_at(start + self.timeout_s, self._check)
+        self.timer = self.loop.call_at(self.since + self.timeout_s, self._check)
 
     def close(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
+            self.timer = None
 
 
 class _Push:
     """A chunked body handed to `write` part by part from the connection's receive callback, as it
     arrives; `done` ends with the body (its result: the data that came with the body's end, not
-    written), or with what broke it. The read timeout is one timer per body, moved on only when it
-    fires, as in _ReadDeadline."""
+    written), or with what broke it. Each arrival moves the connection's read deadline on."""
 
-    __slots__ = ("write", "chunks", "loop", "done", "timeout_s", "last", "timer")
+    __slots__ = ("write", "chunks", "deadline", "done")
 
-    def __init__(self, write: Callable[[bytes], object], timeout_s: float | None) -> None:
-        self.write, self.chunks = write, _Chunks()
-        self.loop = asyncio.get_running_loop()
-        self.done = self.loop.create_future()
-        self.timeout_s, self.last = timeout_s, self.loop.time()
-        self.timer = None if timeout_s is None else self.loop.call_at(self.last + timeout_s, self._check)
+    def __init__(self, write: Callable[[bytes], object], deadline: _ReadDeadline) -> None:
+        self.write, self.chunks, self.deadline = write, _Chunks(), deadline
+        self.done = deadline.loop.create_future()
 
     def received(self, data) -> None:
         if self.done.done():
             return
-        if self.timer is not None:
-            self.last = self.loop.time()
+        self.deadline.arrived()
         try:
             part = self.chunks.feed(data)
             if self.chunks.finished:
@@ -174,24 +188,11 @@ class _Push:
         if not self.done.done():
             self._end(exc or asyncio.IncompleteReadError(bytes(self.chunks.buffer), None))
 
-    def _check(self) -> None:
-        if self.done.done():
-            return
-        if self.loop.time() - self.last >= self.timeout_s:
-            self._end(TimeoutError())
-        else:
-            self.timer = self.loop.call_at(self.last + self.timeout_s, self._check)
-
     def _end(self, exc: BaseException | None, last: bytes = b"") -> None:
-        self.close()
         if exc is None:
             self.done.set_result(last)
         else:
             self.done.set_exception(exc)
-
-    def close(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
 
 
 class _Body(httpx.AsyncByteStream):
@@ -209,15 +210,15 @@ class _Body(httpx.AsyncByteStream):
     _BROKEN = (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        read = _ReadDeadline(self.conn.reader, self.read_timeout_s)
         try:
-            async for part in self._chunked(read) if self.chunked else self._plain(read):
+            async for part in self._chunked() if self.chunked else self._plain():
                 yield part
         except self._BROKEN as exc:
             raise self._failure(exc) from exc
-        finally:
-            read.close()
         self._release()
+
+    def _read(self, size: int) -> Awaitable[bytes]:
+        return self.conn.deadline.wait(self.conn.reader.read(size), self.read_timeout_s)
 
     async def push(self, write: Callable[[bytes], object]) -> bytes:
         """Hands the body to `write` part by part, as `async for part in body` would, but from the
@@ -231,7 +232,7 @@ class _Body(httpx.AsyncByteStream):
             async for part in self:
                 write(part)
             return b""
-        relay = _Push(write, self.read_timeout_s)
+        relay = _Push(write, self.conn.deadline)
         protocol.push = relay
         try:
             reader = self.conn.reader
@@ -241,12 +242,11 @@ class _Body(httpx.AsyncByteStream):
                 relay.received(early)
             if reader.at_eof():
                 relay.ended(None)
-            last = await relay.done
+            last = await self.conn.deadline.wait(relay.done, self.read_timeout_s)
         except self._BROKEN as exc:
             raise self._failure(exc) from exc
         finally:
             protocol.push = None
-            relay.close()
         if relay.chunks.buffer:
             self.keep_alive = False  # bytes past the end of the answer: do not reuse the connection
         self.done = True
@@ -258,8 +258,7 @@ class _Body(httpx.AsyncByteStream):
         if self.chunked or not self.length:
             return b"".join([part async for part in self])
         try:
-            async with asyncio.timeout(self.read_timeout_s):
-                data = await self.conn.reader.readexactly(self.length)
+            data = await self.conn.deadline.wait(self.conn.reader.readexactly(self.length), self.read_timeout_s)
         except self._BROKEN as exc:
             raise self._failure(exc) from exc
         self.done = True
@@ -272,10 +271,10 @@ class _Body(httpx.AsyncByteStream):
             return httpx.ReadTimeout("The engine stopped sending its answer.")
         return httpx.RemoteProtocolError(f"The engine's answer broke off: {exc!r}")
 
-    async def _plain(self, read: _ReadDeadline) -> AsyncIterator[bytes]:
+    async def _plain(self) -> AsyncIterator[bytes]:
         left = self.length
         while left is None or left > 0:
-            data = await read(READ_SIZE if left is None else min(READ_SIZE, left))
+            data = await self._read(READ_SIZE if left is None else min(READ_SIZE, left))
             if not data:
                 if left is None:
                     break  # framed by the connection's end
@@ -285,10 +284,10 @@ class _Body(httpx.AsyncByteStream):
             yield data
         self.done = True
 
-    async def _chunked(self, read: _ReadDeadline) -> AsyncIterator[bytes]:
+    async def _chunked(self) -> AsyncIterator[bytes]:
         chunks = _Chunks()
         while not chunks.finished:
-            data = await read(READ_SIZE)
+            data = await self._read(READ_SIZE)
             if not data:
                 raise asyncio.IncompleteReadError(bytes(chunks.buffer), None)
             part = chunks.feed(data)
@@ -432,10 +431,10 @@ class EngineTransport(httpx.AsyncBaseTransport):
                         timeouts: dict, slot: asyncio.Semaphore) -> httpx.Response:
         conn.writer.write(payload)
         try:
-            async with asyncio.timeout(timeouts.get("write")):
-                await conn.writer.drain()
-            async with asyncio.timeout(timeouts.get("read")):
-                head = await conn.reader.readuntil(b"\r\n\r\n")
+            if conn.writer.transport.get_write_buffer_size():  # the engine is not taking it all at once
+                async with asyncio.timeout(timeouts.get("write")):
+                    await conn.writer.drain()
+            head = await conn.deadline.wait(conn.reader.readuntil(b"\r\n\r\n"), timeouts.get("read"))
         except TimeoutError as exc:
             raise httpx.ReadTimeout("The engine did not answer in time.") from exc
         except asyncio.IncompleteReadError as exc:

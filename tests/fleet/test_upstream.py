@@ -558,3 +558,49 @@ async def test_cancelling_a_push_mid_stream_is_a_cancellation_and_closing_stops_
         count = len(got)
         await asyncio.sleep(0.1)
         assert len(got) == count  # nothing is written on once the push is over
+
+
+async def test_calls_on_a_kept_alive_connection_make_no_timer_each_and_a_read_still_times_out():
+    async def answer(n, writer):
+        if n <= 30:
+            writer.write(sized(b"ok") if n % 3 else STREAM_HEAD + chunk(b"data: a\n\n") + b"0\r\n\r\n")
+        else:
+            await asyncio.sleep(30)  # then silent
+
+    loop = asyncio.get_running_loop()
+    timers = []
+    call_at = loop.call_at
+
+    def counting_call_at(when, callback, *args, **kwargs):
+        timers.append(callback)
+        return call_at(when, callback, *args, **kwargs)
+
+    async with ScriptedEngine(answer) as engine, client(read=0.3) as http:
+        assert (await http.post(engine.url + "/x", content=b"{}")).content == b"ok"
+        loop.call_at = counting_call_at
+        try:
+            for n in range(2, 31):
+                if n % 3:
+                    response = await http.post(engine.url + "/x", content=b"{}")
+                    assert response.content == b"ok"
+                else:  # streamed: iterated, then pushed
+                    async with http.stream("POST", engine.url + "/x", content=b"{}") as response:
+                        got = []
+                        if n % 2:
+                            async for part in response.aiter_raw():
+                                got.append(part)
+                        else:  # all of it came with the end: returned, not written
+                            got.append(await http.push(response, got.append))
+                    assert got == [b"data: a\n\n"]
+        finally:
+            loop.call_at = call_at
+        assert engine.connections == 1
+        assert len(timers) <= 1, f"{len(timers)} timers for 29 calls"
+        # Idle for longer than the read timeout, then a call the engine never answers: it still
+        # times out, on the same connection.
+        await asyncio.sleep(0.5)
+        started = loop.time()
+        with pytest.raises(httpx.ReadTimeout):
+            await asyncio.wait_for(http.post(engine.url + "/x", content=b"{}"), timeout=5)
+        assert 0.25 < loop.time() - started < 2
+        assert engine.connections == 1
