@@ -27,8 +27,9 @@ of a started response, sent at once, through which the gateway pushes a stream's
 engine connection's receive callback (no ASGI message, task wake-up or loop turn per token); and
 a callback on the client's disconnect, in place of a task per request listening for it.
 
-A connection's idle timeout is one timer per connection (HTTPChannel below), not three timer
-changes per request.
+A request's application task runs its first step as soon as the request is read, ahead of other
+connections' reads in the same loop turn (_first_step_next). A connection's idle timeout is one
+timer per connection (HTTPChannel below), not three timer changes per request.
 
 Once the application is loaded, its heap is frozen out of the cycle collector's sight (settle_heap).
 """
@@ -59,6 +60,17 @@ def _send_now(transport) -> None:
     send_now = getattr(transport, "send_now", None)
     if send_now is not None:
         send_now()
+
+
+def _first_step_next(task: asyncio.Task) -> None:
+    """Run the first step of `task`, just made, next: ahead of whatever else the loop had ready.
+    Many requests read in one loop turn (32 clients whose answers came back together) were each
+    parsed and given a task, and only then did any task run: every request waited for the parsing
+    of all of them before its engine was asked. Now each request goes as far as it can (to its
+    engine, for a warm model) before the next one is read, as with Python 3.12's eager tasks."""
+    ready = getattr(task.get_loop(), "_ready", None)
+    if ready and getattr(ready[-1]._callback, "__self__", None) is task:
+        ready.appendleft(ready.pop())
 
 
 def _lean_daphne() -> None:
@@ -128,7 +140,11 @@ def _lean_daphne() -> None:
             if scope.get("type") == "http" and isinstance(protocol, WebRequest):
                 scope["extensions"] = {**scope.get("extensions", {}), SERVER_EXTENSION: {
                     "write": protocol.write_part, "on_disconnect": protocol.on_disconnect}}
-            return super().create_application(protocol, scope)
+            queue = super().create_application(protocol, scope)
+            task = self.connections.get(protocol, {}).get("application_instance")
+            if task is not None:
+                _first_step_next(task)
+            return queue
 
     class HTTPChannel(http.HTTPChannel):
         """Twisted's HTTP connection, with its idle timeout kept as one timer per connection, moved on

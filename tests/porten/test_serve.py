@@ -111,6 +111,22 @@ CHECK = textwrap.dedent("""
     offered = seen[0]["extensions"][SERVER_EXTENSION]
     assert seen[0]["extensions"]["other"] == {}
     assert offered == {"write": made.write_part, "on_disconnect": made.on_disconnect}
+    # A new application runs its first step before whatever else the loop had ready (the next
+    # connection's read), not after it.
+    order = []
+
+    async def first_step(scope, receive, send):
+        order.append("application")
+
+    def read():
+        other = made_request()
+        hub.connections[other], hub.application = {}, first_step
+        loop.call_soon(order.append, "next read")
+        hub.create_application(other, {"type": "http"})
+
+    loop.call_soon(read)
+    loop.run_until_complete(asyncio.sleep(0.01))
+    assert order == ["application", "next read"], order
     # on_disconnect: called back once if the connection is lost before the answer is finished,
     # at once if it already was, and never once the answer is finished.
     from twisted.internet import error
