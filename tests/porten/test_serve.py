@@ -12,6 +12,14 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+
+def checked(script: str) -> str:
+    """What `script` printed, run in a fresh interpreter as the launcher would (it patches daphne
+    and Twisted for the whole process); it must exit cleanly."""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
 CHECK = textwrap.dedent("""
     from unittest import mock
 
@@ -157,9 +165,7 @@ CHECK = textwrap.dedent("""
 
 
 def test_the_launcher_turns_off_form_parsing_and_twisteds_access_log():
-    result = subprocess.run([sys.executable, "-c", CHECK], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "lean"
+    assert checked(CHECK) == "lean"
 
 
 PROMPT_CHECK = textwrap.dedent("""
@@ -245,10 +251,7 @@ PROMPT_CHECK = textwrap.dedent("""
 
 
 def test_hub_connections_send_at_once_and_keep_back_pressure_and_closing_right():
-    result = subprocess.run([sys.executable, "-c", PROMPT_CHECK], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "prompt"
+    assert checked(PROMPT_CHECK) == "prompt"
 
 
 IDLE_CHECK = textwrap.dedent("""
@@ -324,10 +327,7 @@ IDLE_CHECK = textwrap.dedent("""
 
 
 def test_hub_connections_time_out_when_idle_with_one_timer_each_not_per_request():
-    result = subprocess.run([sys.executable, "-c", IDLE_CHECK], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "idle"
+    assert checked(IDLE_CHECK) == "idle"
 
 
 HEAP_CHECK = textwrap.dedent("""
@@ -350,10 +350,8 @@ HEAP_CHECK = textwrap.dedent("""
 
 
 def test_the_launcher_freezes_the_loaded_application_out_of_the_cycle_collectors_way():
-    result = subprocess.run([sys.executable, "-c", HEAP_CHECK], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "settled"
+    assert checked(HEAP_CHECK) == "settled"
+
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("form", ["urlencoded", "multipart"])
