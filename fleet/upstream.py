@@ -137,7 +137,7 @@ class _ReadDeadline:
                 raise TimeoutError from None  # our cancellation, and nobody else's
             raise
         finally:
-            self.reading = False
+            self.reading, self.task = False, None  # (a pooled connection must not keep the task alive)
 
     def arrived(self) -> None:
         self.since = self.loop.time()
