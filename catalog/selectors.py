@@ -1,9 +1,12 @@
 """Reads of the catalog."""
 from __future__ import annotations
 
+import functools
 import time
 
 from django.db.models import QuerySet
+
+from porten.refresh import STALE_FOR_S, refresh_soon
 
 from .models import CatalogModel
 
@@ -16,18 +19,29 @@ def offered_model(model_id: str) -> CatalogModel | None:
     return offered_models().filter(model_id=model_id).first()
 
 
-_OFFERED_TTL_S = 2.0  # enabling or disabling a model reaches every hub process within this long
+_OFFERED_TTL_S = 2.0  # enabling or disabling a model reaches every hub process within this long (and a query)
 _offered_cache: dict[str, tuple[float, CatalogModel | None]] = {}
 
 
 async def offered_model_aget(model_id: str, *, fresh: bool = False) -> CatalogModel | None:
-    """The offered model with this id, remembered briefly: the gateway asks for it on every request."""
+    """The offered model with this id, remembered briefly: the gateway asks for it on every request.
+    An offered model just past its time is answered at once while one task looks again
+    (porten.refresh); an id that was not offered is looked up again before it is answered."""
     if not isinstance(model_id, str) or not model_id or len(model_id) > 100:
         return None
     now = time.monotonic()
     hit = _offered_cache.get(model_id)
-    if hit is not None and hit[0] > now and not fresh:
-        return hit[1]
+    if hit is not None and not fresh:
+        if hit[0] > now:
+            return hit[1]
+        if hit[1] is not None and now < hit[0] + STALE_FOR_S:
+            refresh_soon(("offered", model_id), functools.partial(_offered_lookup, model_id))
+            return hit[1]
+    return await _offered_lookup(model_id)
+
+
+async def _offered_lookup(model_id: str) -> CatalogModel | None:
+    now = time.monotonic()
     model = await offered_models().filter(model_id=model_id).afirst()
     if len(_offered_cache) > 10_000:
         _offered_cache.clear()
