@@ -332,6 +332,7 @@ def test_hub_connections_time_out_when_idle_with_one_timer_each_not_per_request(
 
 HEAP_CHECK = textwrap.dedent("""
     import gc
+    import sys
 
     from daphne import cli
 
@@ -345,11 +346,19 @@ HEAP_CHECK = textwrap.dedent("""
     serve.main(["porten.asgi:application"])
     assert gc.get_freeze_count() > 50_000, gc.get_freeze_count()  # Django, the URLconf, Twisted...
     assert gc.get_threshold() == serve.GC_THRESHOLD
+    assert "fleet.gateway" in sys.modules and "fleet.upstream" in sys.modules, "the URLconf is still loaded lazily"
+
+    from django.urls import get_resolver
+
+    loaded = set(sys.modules)
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/public/v1/models/warming"):
+        get_resolver().resolve(path)
+    assert set(sys.modules) == loaded, sorted(set(sys.modules) - loaded)  # nothing left for a first request
     print("settled")
 """)
 
 
-def test_the_launcher_freezes_the_loaded_application_out_of_the_cycle_collectors_way():
+def test_the_launcher_loads_the_urlconf_and_freezes_the_application_out_of_the_cycle_collectors_way():
     assert checked(HEAP_CHECK) == "settled"
 
 
