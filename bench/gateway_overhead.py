@@ -58,14 +58,20 @@ def start_litellm(stack: Stack, binary: Path, upstream: str, model: str) -> tupl
     return f"http://127.0.0.1:{port}", proc.pid
 
 
+TARGET_ADDED_MS, TARGET_RATIO = 2.0, 1.05  # issue 4's target for Porten against the stub engine
+
+
 def run_table(title: str, targets: dict[str, tuple[str, str | None]], model: str, plan: list[tuple[bool, int, int]],
-              max_tokens: int, pids: dict[str, int]) -> None:
-    """`pids`: the process of each proxy target, whose CPU time per request is shown (cpu/req)."""
+              max_tokens: int, pids: dict[str, int], judge: bool = False) -> None:
+    """`pids`: the process of each proxy target, whose CPU time per request is shown (cpu/req).
+    With `judge`, a last line says which rows meet the target: Porten's added p50 under
+    TARGET_ADDED_MS, its ratio at most TARGET_RATIO, and ahead of LiteLLM when it ran."""
     print(f"\n== {title} ==")
     header = f"{'mode':<10}{'clients':>8} {'target':<8}{'p50 ms':>9}{'p99 ms':>9}{'TTFT p50':>10}{'errors':>7}" \
              f"{'added p50':>11}{'ratio':>7}{'cpu/req':>9}"
     print(header)
     print("-" * len(header))
+    missed = []
     for stream, clients, requests in plan:
         results = {}
         spread_s = 0.0  # the clients' starts spread over one answer straight from the engine (harness.load)
@@ -87,6 +93,15 @@ def run_table(title: str, targets: dict[str, tuple[str, str | None]], model: str
             cpu = f"{r['cpu_ms']:.2f}" if "cpu_ms" in r else "-"
             print(f"{'stream' if stream else 'plain':<10}{clients:>8} {name:<8}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
                   f"{ttft:>10}{r['errors']:>7}{added if name != 'direct' else 0:>+11.2f}{ratio:>7.3f}{cpu:>9}")
+        porten, peer = results["porten"], results.get("litellm")
+        added = porten["p50_ms"] - base["p50_ms"]
+        if porten["errors"] or added >= TARGET_ADDED_MS or porten["p50_ms"] / base["p50_ms"] > TARGET_RATIO \
+                or (peer is not None and peer["p50_ms"] <= porten["p50_ms"]):
+            missed.append(f"{'stream' if stream else 'plain'} at {clients} ({added:+.2f} ms, "
+                          f"{porten['p50_ms'] / base['p50_ms']:.3f})")
+    if judge:
+        print(f"Porten against the target (added p50 under {TARGET_ADDED_MS:g} ms, ratio <= {TARGET_RATIO}, ahead of "
+              f"LiteLLM): met in {len(plan) - len(missed)} of {len(plan)} rows" + (f"; missed: {', '.join(missed)}" if missed else ""))
 
 
 def main() -> None:
@@ -120,7 +135,7 @@ def main() -> None:
         plan = [(False, 1, 200), (False, 32, args.requests), (True, 1, 200), (True, 32, args.requests)]
         for layout_name, layout in layouts(proxies):
             apply_layout(layout)
-            run_table(f"stub engine, {layout_name}", targets, "stub-model", plan, max_tokens=16, pids=pids)
+            run_table(f"stub engine, {layout_name}", targets, "stub-model", plan, max_tokens=16, pids=pids, judge=True)
         apply_layout(layouts(proxies)[0][1])
 
         if args.llama:
