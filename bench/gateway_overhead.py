@@ -101,7 +101,8 @@ def run_table(title: str, targets: dict[str, tuple[str, str | None]], model: str
                           f"{porten['p50_ms'] / base['p50_ms']:.3f})")
     if judge:
         print(f"Porten against the target (added p50 under {TARGET_ADDED_MS:g} ms, ratio <= {TARGET_RATIO}, ahead of "
-              f"LiteLLM): met in {len(plan) - len(missed)} of {len(plan)} rows" + (f"; missed: {', '.join(missed)}" if missed else ""))
+              f"LiteLLM): met in {len(plan) - len(missed)} of {len(plan)} rows"
+              + (f"; missed: {', '.join(missed)}" if missed else ""))
 
 
 def main() -> None:

@@ -1,12 +1,11 @@
 """Reads of the catalog."""
 from __future__ import annotations
 
-import functools
 import time
 
 from django.db.models import QuerySet
 
-from porten.refresh import STALE_FOR_S, refresh_soon
+from porten.refresh import usable
 
 from .models import CatalogModel
 
@@ -29,14 +28,10 @@ async def offered_model_aget(model_id: str, *, fresh: bool = False) -> CatalogMo
     (porten.refresh); an id that was not offered is looked up again before it is answered."""
     if not isinstance(model_id, str) or not model_id or len(model_id) > 100:
         return None
-    now = time.monotonic()
     hit = _offered_cache.get(model_id)
-    if hit is not None and not fresh:
-        if hit[0] > now:
-            return hit[1]
-        if hit[1] is not None and now < hit[0] + STALE_FOR_S:
-            refresh_soon(("offered", model_id), functools.partial(_offered_lookup, model_id))
-            return hit[1]
+    if hit is not None and not fresh and usable(("offered", model_id), hit[1], time.monotonic() - hit[0],
+                                                _offered_lookup, model_id):
+        return hit[1]
     return await _offered_lookup(model_id)
 
 

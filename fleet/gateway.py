@@ -21,7 +21,7 @@ from django.utils import timezone
 from catalog.models import CatalogModel
 from porten.errors import error_response
 from porten.gateway_handler import PassThroughStream
-from porten.refresh import STALE_FOR_S, refresh_soon
+from porten.refresh import usable
 
 from .demand import demand_record
 from .events import model_events
@@ -82,13 +82,9 @@ async def ready_route(model: CatalogModel, *, use_cache: bool = True, max_age_s:
     `max_age_s` is answered at once while one task looks again (porten.refresh). With none cached,
     one query at a time refreshes it, and everyone who asked meanwhile reuses the answer."""
     cached = _routes.get(model.model_id)
-    if use_cache and cached:
-        age = time.monotonic() - cached[0]
-        if age < max_age_s:
-            return cached[1]
-        if cached[1] is not None and age < max_age_s + STALE_FOR_S:
-            refresh_soon(("route", model.model_id), functools.partial(_route_lookup, model))
-            return cached[1]
+    if use_cache and cached and usable(("route", model.model_id), cached[1], time.monotonic() - cached[0] - max_age_s,
+                                       _route_lookup, model):
+        return cached[1]
     return await _route_lookup(model)
 
 
