@@ -106,11 +106,19 @@ class GatewayASGIHandler(ASGIHandler):
 
         return await super().read_body(replay)
 
-    async def send_response(self, response, send, write=None) -> None:
-        """Django's, and a PassThroughStream's parts one message each, or pushed to `write` (the
-        server's SERVER_EXTENSION) when there is one and the parts can be pushed."""
+    async def send_response(self, response, send, server: dict | None = None) -> None:
+        """Django's; under porten.serve (`server`: its SERVER_EXTENSION) a whole answer is handed to
+        its respond, and a PassThroughStream's parts are pushed to its write when they can be;
+        otherwise they go one message each."""
         if not isinstance(response, PassThroughStream):
-            return await super().send_response(response, send)
+            if server is None or response.streaming:
+                return await super().send_response(response, send)
+            headers = [(name.encode("ascii"), value.encode("latin1")) for name, value in response.items()
+                       if name.lower() != "content-length"]  # respond sets it
+            headers += [(b"Set-Cookie", c.output(header="").encode("ascii").strip()) for c in response.cookies.values()]
+            server["respond"](response.status_code, headers, response.content)
+            return
+        write = server and server["write"]
         headers = [(name.encode("ascii"), value.encode("latin1")) for name, value in response.items()]
         headers += [(b"Set-Cookie", c.output(header="").encode("ascii").strip()) for c in response.cookies.values()]
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
@@ -186,7 +194,7 @@ class GatewayASGIHandler(ASGIHandler):
             listener.add_done_callback(call.client_left)
         try:
             response = await self.run_get_response(request)
-            await self.send_response(response, send, server and server["write"])
+            await self.send_response(response, send, server)
             await self._recycle_connections()
         except asyncio.CancelledError:
             if not call.cancelled_for_disconnect:

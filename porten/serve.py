@@ -22,10 +22,12 @@ goes out at once when it is written, before the clean-up after it, and a stream'
 as they come (SERVER_EXTENSION below). Accepted sockets also get TCP_NODELAY,
 as asyncio gives every TCP socket: a token must not wait for the client to acknowledge the one before.
 
-The server also offers the application two plain calls (SERVER_EXTENSION): a write for the parts
+The server also offers the application three plain calls (SERVER_EXTENSION): a write for the parts
 of a started response, sent at once, through which the gateway pushes a stream's tokens from the
-engine connection's receive callback (no ASGI message, task wake-up or loop turn per token); and
-a callback on the client's disconnect, in place of a task per request listening for it.
+engine connection's receive callback (no ASGI message, task wake-up or loop turn per token); a
+respond for a whole answer, written as one block instead of through daphne's and Twisted's handling
+of two ASGI messages (at one client, 0.1-0.2 ms less from the engine's plain answer to the client's);
+and a callback on the client's disconnect, in place of a task per request listening for it.
 
 A request's application task runs its first step as soon as the request is read, ahead of other
 connections' reads in the same loop turn (_first_step_next). A connection's idle timeout is one
@@ -39,17 +41,22 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import logging
 import sys
 import time
 
 
-# An ASGI extension porten.serve offers in each HTTP scope, as {"write": ..., "on_disconnect": ...},
-# two plain calls from the event loop's thread (porten.gateway_handler uses them):
+# An ASGI extension porten.serve offers in each HTTP scope, as {"write": ..., "respond": ...,
+# "on_disconnect": ...}, plain calls from the event loop's thread (porten.gateway_handler uses them):
 # - write(body) sends a part of a started response at once, as an http.response.body message with
 #   more_body would;
+# - respond(status, headers, body) sends a whole response at once, as an http.response.start message
+#   and one last http.response.body message would; `headers` (bytes pairs) has no Content-Length;
 # - on_disconnect(callback) has callback() called once if the client's connection is lost before
 #   the response is finished (at once if it already was), as the http.disconnect message would be.
 SERVER_EXTENSION = "porten.http"
+
+logger = logging.getLogger(__name__)
 
 
 def _call(function, *args, **kwargs):
@@ -107,6 +114,54 @@ def _lean_daphne() -> None:
             http.Request.write(self, body)  # the headers first
             _send_now(transport)
 
+        def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+            """The SERVER_EXTENSION's respond: a whole answer, as an http.response.start message and
+            one last http.response.body message would be, framed by its length (`headers` has no
+            Content-Length) and sent at once: one header block, where daphne and Twisted copy the
+            headers into a sanitized Headers object, build the block from that and decide on
+            chunking. Whatever Twisted frames or cleans its own way (HEAD, 204/304, a line break
+            in a header) goes their way instead."""
+            if self.finished or self.channel is None or self._disconnected:
+                return  # as daphne does once the connection is gone
+            if self._response_started:
+                raise ValueError("HTTP response has already been started")
+            lines = [b"".join((name, b": ", value, b"\r\n")) for name, value in headers]
+            block = b"".join(lines)
+            if self.method == b"HEAD" or status in http.NO_BODY_CODES or block.count(b"\n") != len(lines) \
+                    or block.count(b"\r") != len(lines):
+                self.handle_reply({"type": "http.response.start", "status": status, "headers": headers})
+                self.handle_reply({"type": "http.response.body", "body": body})
+                return
+            self._response_started = True
+            self.setResponseCode(status)
+            head = [b"%s %d %s\r\n" % (self.clientproto, status, self.code_message)]
+            for name, values in self.responseHeaders.getAllRawHeaders():  # Connection: close, when Twisted set it
+                head.extend(b"".join((name, b": ", value, b"\r\n")) for value in values)
+            head.append(block)
+            server_name = self.server.server_name
+            if server_name and not any(name.lower() == b"server" for name, _ in headers):
+                head.append(b"Server: %s\r\n" % server_name.encode())
+            head.append(b"Content-Length: %d\r\n\r\n" % len(body))
+            head.append(body)
+            self.startedWriting, self.sentLength = 1, len(body)
+            self.channel.write(b"".join(head))
+            self.finish()
+            self.log_complete()
+
+        def log_complete(self) -> None:
+            """daphne's access-log entry for a finished answer, as its handle_reply writes it."""
+            try:
+                uri = self.uri.decode("ascii")
+            except UnicodeDecodeError:
+                uri = repr(self.uri)  # as daphne: the path is malformed somehow
+            try:
+                self.server.log_action("http", "complete", {
+                    "path": uri, "status": self.code, "method": self.method.decode("ascii", "replace"),
+                    "client": "%s:%s" % tuple(self.client_addr) if self.client_addr else None,
+                    "time_taken": self.duration(), "size": self.sentLength})
+            except Exception:
+                logger.exception("writing the access log")
+
         _disconnect_callback = None
 
         def on_disconnect(self, callback) -> None:
@@ -140,7 +195,7 @@ def _lean_daphne() -> None:
         def create_application(self, protocol, scope):
             if scope.get("type") == "http" and isinstance(protocol, WebRequest):
                 scope["extensions"] = {**scope.get("extensions", {}), SERVER_EXTENSION: {
-                    "write": protocol.write_part, "on_disconnect": protocol.on_disconnect}}
+                    "write": protocol.write_part, "respond": protocol.respond, "on_disconnect": protocol.on_disconnect}}
             queue = super().create_application(protocol, scope)
             task = self.connections.get(protocol, {}).get("application_instance")
             if task is not None:

@@ -262,3 +262,45 @@ async def test_a_pushed_stream_that_breaks_closes_its_source_and_the_error_goes_
         await asyncio.wait_for(PushHandler(source)(scope, inbox.get, send), 10)
     assert written == [b"data: 1\n\n"] and source.closed
     assert not [m for m in sent if m["type"] == "http.response.body" and not m.get("more_body")]  # no clean end
+
+
+class AnswerHandler(GatewayASGIHandler):
+    """The handler with a view that gives `response`."""
+
+    def __init__(self, response) -> None:
+        super().__init__()
+        self.response = response
+
+    async def run_get_response(self, request):
+        return self.response
+
+
+async def test_a_whole_answer_goes_to_the_servers_respond_when_it_offers_one():
+    from django.http import HttpResponse, StreamingHttpResponse
+
+    from porten.serve import SERVER_EXTENSION
+
+    answered, written = [], []
+    extensions = {SERVER_EXTENSION: {"write": written.append, "on_disconnect": lambda callback: None,
+                                     "respond": lambda *args: answered.append(args)}}
+    response = HttpResponse(b'{"id": 1}', status=201, content_type="application/json")
+    response["Content-Length"] = "9"  # respond frames the answer itself
+    response["X-Porten-Cold-Start"] = "false"
+    response.set_cookie("seen", "1")
+    inbox, sent = asyncio.Queue(), []
+    assert not await asyncio.wait_for(_slow_call(AnswerHandler(response), inbox, sent, extensions), 10)
+    (status, headers, body), = answered
+    assert (status, body, sent) == (201, b'{"id": 1}', [])  # no ASGI message at all
+    assert headers[:2] == [(b"Content-Type", b"application/json"), (b"X-Porten-Cold-Start", b"false")]
+    assert len(headers) == 3 and headers[2][0] == b"Set-Cookie" and headers[2][1].startswith(b"seen=1")
+
+    # A stream that is not a PassThroughStream still goes out as ASGI messages.
+    answered.clear()
+    async def parts():
+        yield b"a"
+        yield b"b"
+
+    streamed = StreamingHttpResponse(parts())
+    await asyncio.wait_for(_slow_call(AnswerHandler(streamed), asyncio.Queue(), sent, extensions), 10)
+    assert not answered and sent[0]["type"] == "http.response.start"
+    assert b"".join(m.get("body", b"") for m in sent[1:]) == b"ab"

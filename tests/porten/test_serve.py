@@ -97,6 +97,50 @@ CHECK = textwrap.dedent("""
         raise AssertionError("a part before the response started was taken")
     except ValueError:
         pass
+    # respond: a whole answer in one write, framed by its length, sent at once and logged as
+    # daphne logs it; with the Connection: close Twisted set when the client asked to close.
+    made = made_request()
+    made.application_queue, made.client_addr = None, ["127.0.0.1", 9]
+    made.server.server_name = "daphne"
+    made.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+    channel = made.channel  # (finish lets go of it)
+    made.respond(200, [(b"Content-Type", b"application/json"), (b"X-Porten-Cold-Start", b"false")], b'{"a": 1}')
+    channel.write.assert_called_once_with(
+        b"HTTP/1.1 200 OK\\r\\nConnection: close\\r\\nContent-Type: application/json\\r\\nX-Porten-Cold-Start: false\\r\\n"
+        b"Server: daphne\\r\\nContent-Length: 8\\r\\n\\r\\n{\\"a\\": 1}")
+    channel.transport.send_now.assert_called_once_with()
+    assert made.finished and made.code == 200 and made.sentLength == 8 and not made.chunked
+    action, details = made.server.log_action.call_args.args[1:]
+    assert (action, details["path"], details["status"], details["size"]) == ("complete", "/v1/x?a=1", 200, 8)
+    made = made_request()
+    made.server.server_name = "daphne"
+    made.application_queue, channel = None, made.channel
+    made.respond(404, [(b"Server", b"other")], b"")
+    assert channel.write.call_args.args[0] == b"HTTP/1.1 404 Not Found\\r\\nServer: other\\r\\nContent-Length: 0\\r\\n\\r\\n"
+    made.respond(200, [], b"twice")  # finished: ignored, as daphne ignores messages after the end
+    assert channel.write.call_count == 1
+    made = made_request()
+    made._response_started = True  # (by messages through daphne)
+    try:
+        made.respond(200, [], b"twice")
+        raise AssertionError("a second start was taken")
+    except ValueError:
+        pass
+    # What Twisted frames or cleans its own way goes through daphne's messages: a line break in a
+    # header, a HEAD request, a 204.
+    for method, status, headers in ((b"POST", 200, [(b"X-Evil", b"a\\r\\nSet-Cookie: x=1")]), (b"HEAD", 200, []),
+                                    (b"POST", 204, [])):
+        made = made_request()
+        made.method, made.application_queue = method, None
+        made.handle_reply = mock.Mock()
+        made.respond(status, headers, b"body")
+        assert [c.args[0]["type"] for c in made.handle_reply.call_args_list] == ["http.response.start",
+                                                                               "http.response.body"]
+        assert not made.channel.write.called
+    made = made_request()
+    made._disconnected = True  # the client left: nothing is written
+    made.respond(200, [], b"late")
+    assert not made.channel.write.called and not made.finished
     # The server offers that write to the application in each HTTP scope.
     import asyncio
 
@@ -118,7 +162,7 @@ CHECK = textwrap.dedent("""
     loop.run_until_complete(hub.connections[made]["application_instance"])
     offered = seen[0]["extensions"][SERVER_EXTENSION]
     assert seen[0]["extensions"]["other"] == {}
-    assert offered == {"write": made.write_part, "on_disconnect": made.on_disconnect}
+    assert offered == {"write": made.write_part, "respond": made.respond, "on_disconnect": made.on_disconnect}
     # A new application runs its first step before whatever else the loop had ready (the next
     # connection's read), not after it.
     order = []
