@@ -144,7 +144,7 @@ CHECK = textwrap.dedent("""
     # The server offers that write to the application in each HTTP scope.
     import asyncio
 
-    from daphne import cli
+    from daphne import access, cli
     from porten.serve import SERVER_EXTENSION
 
     seen = []
@@ -204,6 +204,38 @@ CHECK = textwrap.dedent("""
     factory._logFile = mock.Mock()
     factory.log(request)
     assert not factory._logFile.write.called, "Twisted would still write its own access log line"
+    # daphne's access log: its lines written a little after the answers, together, and what is
+    # pending when the server stops, then.
+    import io
+
+    from twisted.internet import reactor
+    from porten.serve import ACCESS_LOG_DELAY_S
+
+    stream = io.StringIO()
+    access_log = cli.AccessLogGenerator(stream)
+    assert isinstance(access_log, access.AccessLogGenerator) and type(access_log) is not access.AccessLogGenerator
+    entry = {"client": "127.0.0.1:9", "method": "POST", "path": "/v1/x", "status": 200, "size": 8}
+
+    async def answered(count):
+        for _ in range(count):
+            access_log("http", "complete", entry)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the next loop turns: still not written
+        written = stream.getvalue()
+        await asyncio.sleep(ACCESS_LOG_DELAY_S * 3)
+        return written
+
+    assert loop.run_until_complete(answered(3)) == ""
+    assert stream.getvalue().count('"POST /v1/x" 200 8') == 3, stream.getvalue()
+    access_log("http", "complete", entry)  # with no loop running: written at once
+    assert stream.getvalue().count("\\n") == 4
+
+    async def stopping():
+        access_log("http", "complete", entry)
+        reactor.fireSystemEvent("shutdown")
+
+    loop.run_until_complete(stopping())
+    assert stream.getvalue().count("\\n") == 5, "a line pending at the stop was lost"
     print("lean")
 """)
 
