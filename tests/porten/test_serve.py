@@ -204,12 +204,54 @@ CHECK = textwrap.dedent("""
     factory._logFile = mock.Mock()
     factory.log(request)
     assert not factory._logFile.write.called, "Twisted would still write its own access log line"
-    # daphne's access log: its lines written a little after the answers, together, and what is
-    # pending when the server stops, then.
+    # Work handed to when_idle runs once the loop would wait with nothing ready: after a read that
+    # is ready, not before it; on a loop that is never idle, after IDLE_WORK_MAX_WAIT_S.
+    import socket
+    import time
+
+    from porten.serve import IDLE_WORK_MAX_WAIT_S, IdleSelector, when_idle
+
+    idle_loop = asyncio.SelectorEventLoop(IdleSelector())
+    order = []
+
+    async def ready_read_first():
+        ours, theirs = socket.socketpair()
+        idle_loop.add_reader(ours, lambda: order.append("read") or ours.recv(10))
+        theirs.send(b"x")
+        when_idle(lambda: order.append("idle work"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # loop turns with something ready: the work waits
+        order.append("turns")
+        await asyncio.sleep(0.01)
+        idle_loop.remove_reader(ours)
+        ours.close(), theirs.close()
+
+    idle_loop.run_until_complete(ready_read_first())
+    assert order == ["read", "turns", "idle work"], order
+
+    async def never_idle():
+        ran, started = [], time.monotonic()
+        when_idle(lambda: ran.append(time.monotonic() - started))
+        while not ran and time.monotonic() - started < 1:
+            await asyncio.sleep(0)
+        return ran
+
+    ran = idle_loop.run_until_complete(never_idle())
+    assert ran and IDLE_WORK_MAX_WAIT_S <= ran[0] < IDLE_WORK_MAX_WAIT_S + 0.05, ran
+    order.clear()
+
+    async def elsewhere():  # on another loop: the next turn
+        when_idle(lambda: order.append("next turn"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    loop.run_until_complete(elsewhere())
+    assert order == ["next turn"]
+    # daphne's access log: its lines written once the hub is idle, together, and what is pending
+    # when the server stops, then.
     import io
 
     from twisted.internet import reactor
-    from porten.serve import ACCESS_LOG_DELAY_S
 
     stream = io.StringIO()
     access_log = cli.AccessLogGenerator(stream)
@@ -220,12 +262,12 @@ CHECK = textwrap.dedent("""
         for _ in range(count):
             access_log("http", "complete", entry)
         await asyncio.sleep(0)
-        await asyncio.sleep(0)  # the next loop turns: still not written
+        await asyncio.sleep(0)  # loop turns with something ready: not written yet
         written = stream.getvalue()
-        await asyncio.sleep(ACCESS_LOG_DELAY_S * 3)
+        await asyncio.sleep(0.01)
         return written
 
-    assert loop.run_until_complete(answered(3)) == ""
+    assert idle_loop.run_until_complete(answered(3)) == ""
     assert stream.getvalue().count('"POST /v1/x" 200 8') == 3, stream.getvalue()
     access_log("http", "complete", entry)  # with no loop running: written at once
     assert stream.getvalue().count("\\n") == 4
@@ -234,7 +276,7 @@ CHECK = textwrap.dedent("""
         access_log("http", "complete", entry)
         reactor.fireSystemEvent("shutdown")
 
-    loop.run_until_complete(stopping())
+    idle_loop.run_until_complete(stopping())
     assert stream.getvalue().count("\\n") == 5, "a line pending at the stop was lost"
     print("lean")
 """)
@@ -410,9 +452,11 @@ HEAP_CHECK = textwrap.dedent("""
     import gc
     import sys
 
-    from daphne import cli
-
     from porten import serve
+
+    serve.install_loop()  # as main does first; daphne's server module would install its own
+    from daphne import cli
+    from twisted.internet import reactor
 
     def run(self, argv):  # what daphne's run does first, without serving
         self.application = self.load_asgi_app(argv[-1])
@@ -422,6 +466,7 @@ HEAP_CHECK = textwrap.dedent("""
     serve.main(["porten.asgi:application"])
     assert gc.get_freeze_count() > 50_000, gc.get_freeze_count()  # Django, the URLconf, Twisted...
     assert gc.get_threshold() == serve.GC_THRESHOLD
+    assert isinstance(reactor._asyncioEventloop._selector, serve.IdleSelector), "the hub's loop runs no idle work"
     assert "fleet.gateway" in sys.modules and "fleet.upstream" in sys.modules, "the URLconf is still loaded lazily"
 
     from django.urls import get_resolver
@@ -434,7 +479,7 @@ HEAP_CHECK = textwrap.dedent("""
 """)
 
 
-def test_the_launcher_loads_the_urlconf_and_freezes_the_application_out_of_the_cycle_collectors_way():
+def test_the_launcher_runs_its_loop_with_idle_work_loads_the_urlconf_and_freezes_the_application():
     assert checked(HEAP_CHECK) == "settled"
 
 
