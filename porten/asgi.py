@@ -22,11 +22,12 @@ from playground.routing import websocket_urlpatterns  # noqa: E402
 from porten.gateway_handler import route_gateway  # noqa: E402
 
 # One process serves the small static set itself; a production deployment may put a CDN in front.
-http_app = route_gateway(ASGIStaticFilesHandler(django_asgi_app) if settings.STATIC_URL else django_asgi_app)
+http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.STATIC_URL else django_asgi_app
 
-application = ProtocolTypeRouter(
+# The /v1 calls go straight to the lean handler, ahead of the protocol router (one frame less per call).
+application = route_gateway(ProtocolTypeRouter(
     {
         "http": http_app,
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
-)
+))
