@@ -108,8 +108,8 @@ class GatewayASGIHandler(ASGIHandler):
 
     async def send_response(self, response, send, server: dict | None = None) -> None:
         """Django's; under porten.serve (`server`: its SERVER_EXTENSION) a whole answer is handed to
-        its respond, and a PassThroughStream's parts are pushed to its write when they can be;
-        otherwise they go one message each."""
+        its respond, and a PassThroughStream's parts are pushed to its write when they can be, the
+        last one with its end; otherwise they go one message each."""
         if not isinstance(response, PassThroughStream):
             if server is None or response.streaming:
                 return await super().send_response(response, send)
@@ -124,20 +124,17 @@ class GatewayASGIHandler(ASGIHandler):
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         parts = response.parts
         push = getattr(parts, "push", None) if write is not None else None
-        end = {"type": "http.response.body"}
         try:
             if push is not None:
                 # The headers go out now, while the engine works on its first part: daphne holds
                 # them until the first body message, and they would then delay that first token.
                 await send({"type": "http.response.body", "body": b"", "more_body": True})
-                last = await push(write)
-                if last:
-                    end["body"] = last  # the last part goes out with the end, in one send
-            else:
-                async for part in parts:
-                    if part:
-                        await send({"type": "http.response.body", "body": part, "more_body": True})
-            await send(end)
+                server["end"](await push(write))  # the last part goes out with the end, in one send
+                return
+            async for part in parts:
+                if part:
+                    await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body"})
         finally:
             await parts.aclose()  # as Django's aclosing(): a stream left early still closes its source
 

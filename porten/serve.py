@@ -22,10 +22,10 @@ goes out at once when it is written, before the clean-up after it, and a stream'
 as they come (SERVER_EXTENSION below). Accepted sockets also get TCP_NODELAY,
 as asyncio gives every TCP socket: a token must not wait for the client to acknowledge the one before.
 
-The server also offers the application three plain calls (SERVER_EXTENSION): a write for the parts
+The server also offers the application plain calls (SERVER_EXTENSION): a write for the parts
 of a started response, sent at once, through which the gateway pushes a stream's tokens from the
-engine connection's receive callback (no ASGI message, task wake-up or loop turn per token); a
-respond for a whole answer, written as one block instead of through daphne's and Twisted's handling
+engine connection's receive callback (no ASGI message, task wake-up or loop turn per token), and an
+end for its last part; a respond for a whole answer, written as one block instead of through daphne's and Twisted's handling
 of two ASGI messages (at one client, 0.1-0.2 ms less from the engine's plain answer to the client's);
 and a callback on the client's disconnect, in place of a task per request listening for it.
 
@@ -52,6 +52,8 @@ import time
 # "on_disconnect": ...}, plain calls from the event loop's thread (porten.gateway_handler uses them):
 # - write(body) sends a part of a started response at once, as an http.response.body message with
 #   more_body would;
+# - end(body) sends the last part of a started response (b"" for none) with the response's end, at
+#   once, as a last http.response.body message would;
 # - respond(status, headers, body) sends a whole response at once, as an http.response.start message
 #   and one last http.response.body message would; `headers` (bytes pairs) has no Content-Length;
 # - on_disconnect(callback) has callback() called once if the client's connection is lost before
@@ -179,6 +181,21 @@ def _lean_daphne() -> None:
             http.Request.write(self, body)  # the headers first
             _send_now(transport)
 
+        def end_part(self, body: bytes) -> None:
+            """The SERVER_EXTENSION's end: the last part of a started response (b"" for none) and
+            the response's end, sent together at once, as a last http.response.body message would be."""
+            if self.finished or self.channel is None or self._disconnected:
+                return  # as daphne does once the connection is gone
+            if not self._response_started:
+                raise ValueError("HTTP response has not yet been started")
+            if body and self.chunked and self.startedWriting:
+                self.sentLength += len(body)  # what Request.write does; finish sends it with the last chunk
+                self.channel.write(b"%x\r\n%s\r\n" % (len(body), body))
+            elif body:
+                http.Request.write(self, body)
+            self.finish()
+            self.log_complete()
+
         def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
             """The SERVER_EXTENSION's respond: a whole answer, as an http.response.start message and
             one last http.response.body message would be, framed by its length (`headers` has no
@@ -260,7 +277,8 @@ def _lean_daphne() -> None:
         def create_application(self, protocol, scope):
             if scope.get("type") == "http" and isinstance(protocol, WebRequest):
                 scope["extensions"] = {**scope.get("extensions", {}), SERVER_EXTENSION: {
-                    "write": protocol.write_part, "respond": protocol.respond, "on_disconnect": protocol.on_disconnect}}
+                    "write": protocol.write_part, "end": protocol.end_part, "respond": protocol.respond,
+                    "on_disconnect": protocol.on_disconnect}}
             queue = super().create_application(protocol, scope)
             task = self.connections.get(protocol, {}).get("application_instance")
             if task is not None:

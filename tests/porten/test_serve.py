@@ -97,6 +97,27 @@ CHECK = textwrap.dedent("""
         raise AssertionError("a part before the response started was taken")
     except ValueError:
         pass
+    # end: a stream's last part and its end, in one send, logged as daphne logs it.
+    for last, expected in ((b"last", [(b"4\\r\\nlast\\r\\n",), (b"0\\r\\n\\r\\n",)]), (b"", [(b"0\\r\\n\\r\\n",)])):
+        made = made_request()
+        made.application_queue, made.client_addr = None, ["127.0.0.1", 9]
+        made._response_started, made.startedWriting, made.chunked, made.sentLength = True, 1, 1, 5
+        channel = made.channel
+        made.end_part(last)
+        assert [c.args for c in channel.write.call_args_list] == expected
+        channel.transport.send_now.assert_called_once_with()
+        assert made.finished and made.sentLength == 5 + len(last)
+        assert made.server.log_action.call_args.args[1:][0] == "complete"
+    made = made_request()
+    made._disconnected = True  # the client left: nothing is written
+    made._response_started = True
+    made.end_part(b"late")
+    assert not made.channel.write.called and not made.finished
+    try:
+        made_request().end_part(b"too early")
+        raise AssertionError("an end before the response started was taken")
+    except ValueError:
+        pass
     # respond: a whole answer in one write, framed by its length, sent at once and logged as
     # daphne logs it; with the Connection: close Twisted set when the client asked to close.
     made = made_request()
@@ -162,7 +183,8 @@ CHECK = textwrap.dedent("""
     loop.run_until_complete(hub.connections[made]["application_instance"])
     offered = seen[0]["extensions"][SERVER_EXTENSION]
     assert seen[0]["extensions"]["other"] == {}
-    assert offered == {"write": made.write_part, "respond": made.respond, "on_disconnect": made.on_disconnect}
+    assert offered == {"write": made.write_part, "end": made.end_part, "respond": made.respond,
+                       "on_disconnect": made.on_disconnect}
     # A new application runs its first step before whatever else the loop had ready (the next
     # connection's read), not after it.
     order = []
