@@ -188,13 +188,21 @@ def _lean_daphne() -> None:
                 return  # as daphne does once the connection is gone
             if not self._response_started:
                 raise ValueError("HTTP response has not yet been started")
-            if body and self.chunked and self.startedWriting:
-                self.sentLength += len(body)  # what Request.write does; finish sends it with the last chunk
-                self.channel.write(b"%x\r\n%s\r\n" % (len(body), body))
+            if self.chunked and self.startedWriting:
+                self.sentLength += len(body)  # what Request.write does, and finish's last chunk, in one send
+                self.chunked = 0
+                self._send_at_once(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n")
             elif body:
                 http.Request.write(self, body)
             self.finish()
             self.log_complete()
+
+        def _send_at_once(self, data: bytes) -> None:
+            transport = self.channel.transport
+            if hasattr(transport, "send_at_once"):
+                transport.send_at_once(data)  # no send left for the end of the loop turn
+            else:
+                self.channel.write(data)
 
         def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
             """The SERVER_EXTENSION's respond: a whole answer, as an http.response.start message and
@@ -226,7 +234,7 @@ def _lean_daphne() -> None:
             head.append(b"Content-Length: %d\r\n\r\n" % len(body))
             head.append(body)
             self.startedWriting, self.sentLength = 1, len(body)
-            self.channel.write(b"".join(head))
+            self._send_at_once(b"".join(head))
             self.finish()
             self.log_complete()
 
