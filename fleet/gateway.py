@@ -312,7 +312,7 @@ async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model_
         finally:
             accounting.close()
         response = HttpResponse(content, status=upstream.status_code,
-                                content_type=upstream.headers.get("content-type", "application/json"))
+                                content_type=client.content_type(upstream, "application/json"))
         response["Content-Length"] = str(len(content))
         _porten_headers(response, route)
         return response

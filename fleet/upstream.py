@@ -206,6 +206,10 @@ class _Body(httpx.AsyncByteStream):
         self.read_timeout_s = read_timeout_s
         self.done = length == 0
         self.released = False
+        # What the answer's head said, noted as it was read: looking a header up in the response's
+        # httpx.Headers decodes and scans all of them, each time.
+        self.content_type: bytes | None = None
+        self.encoded = False
 
     _BROKEN = (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
 
@@ -449,8 +453,8 @@ class EngineTransport(httpx.AsyncBaseTransport):
             raise httpx.RemoteProtocolError("The engine's answer headers are too large.") from exc
         conn.used = True
         status, headers = _parse_head(head)
-        length = chunked = None
-        keep_alive = True
+        length = chunked = content_type = None
+        keep_alive, encoded = True, False
         for name, value in headers:
             lower = name.lower()
             if lower == b"content-length":
@@ -459,12 +463,17 @@ class EngineTransport(httpx.AsyncBaseTransport):
                 chunked = b"chunked" in value.lower()
             elif lower == b"connection":
                 keep_alive = b"close" not in value.lower()
+            elif lower == b"content-type":
+                content_type = value
+            elif lower == b"content-encoding":
+                encoded = True
         if status in (204, 304) or 100 <= status < 200:
             length = 0
         if not chunked and length is None:
             keep_alive = False  # the body ends with the connection
         stream = _Body(self, key, conn, length=length, chunked=bool(chunked), keep_alive=keep_alive,
                        read_timeout_s=timeouts.get("read"), slot=slot)
+        stream.content_type, stream.encoded = content_type, encoded
         return httpx.Response(status, headers=headers, stream=stream, extensions={"http_version": b"HTTP/1.1"})
 
 
@@ -591,7 +600,7 @@ class EngineClient(httpx.AsyncClient):
         framed by its length comes off the connection in one read, not through httpx's decoding
         iterators (engines are asked for no encoding)."""
         stream = response.stream
-        if isinstance(stream, _Body) and "content-encoding" not in response.headers:
+        if isinstance(stream, _Body) and not stream.encoded:
             try:
                 return await stream.read_whole()
             except httpx.RequestError as exc:
@@ -600,6 +609,15 @@ class EngineClient(httpx.AsyncClient):
             finally:
                 await response.aclose()
         return await response.aread()
+
+    @staticmethod
+    def content_type(response: httpx.Response, default: str) -> str:
+        """The response's Content-Type, or `default`: response.headers.get("content-type", default),
+        read from what this client's transport noted."""
+        stream = response.stream
+        if isinstance(stream, _Body):
+            return stream.content_type.decode("latin-1") if stream.content_type is not None else default
+        return response.headers.get("content-type", default)
 
     async def push(self, response: httpx.Response, write: Callable[[bytes], object]) -> bytes:
         """Hands the body of a response sent with `stream=True` to `write` part by part, as

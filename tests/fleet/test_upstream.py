@@ -360,6 +360,33 @@ async def test_reading_a_whole_answer_by_length_or_chunks_keeps_the_connection()
     assert engine.connections == 1
 
 
+async def test_an_answers_content_type_and_encoding_are_read_as_its_headers_say():
+    async def answer(n, writer):
+        if n == 1:
+            writer.write(sized(b'{"n": 1}'))
+        elif n == 2:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        else:  # an engine that encodes anyway: read through httpx, which decodes it
+            import gzip
+
+            body = gzip.compress(b'{"n": 3}')
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json; charset=utf-8\r\n"
+                         b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    async with ScriptedEngine(answer) as engine, client() as http:
+        seen = []
+        for _ in range(3):
+            response = await http.send(http.json_request(httpx.URL(engine.url + "/x"), b"{}"), stream=True)
+            seen.append((http.content_type(response, "text/plain"), response.headers.get("content-type", "text/plain"),
+                         await http.read(response)))
+    assert [(ours, theirs) for ours, theirs, _ in seen] == [
+        ("application/json", "application/json"), ("text/plain", "text/plain"),
+        ("application/json; charset=utf-8", "application/json; charset=utf-8")]
+    assert [body for _, _, body in seen] == [b'{"n": 1}', b"ok", b'{"n": 3}']
+    other = httpx.Response(200, headers={"Content-Type": "text/html"})  # not from the engine transport
+    assert EngineClient.content_type(other, "x") == "text/html" and EngineClient.content_type(httpx.Response(200), "x") == "x"
+
+
 @pytest.mark.parametrize("reply", ["cut short", "silent"])
 async def test_reading_a_whole_answer_that_breaks_off_fails_as_httpx_does(reply):
     async def answer(n, writer):
