@@ -39,6 +39,7 @@ class Tally:
         self.served_flushed_at = 0.0
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
+        self.served_timer: asyncio.TimerHandle | None = None
 
     def enter(self, instance_id: int, served_model_id: str | None) -> None:
         self.inflight[instance_id] += 1
@@ -70,8 +71,16 @@ class Tally:
                 await self.flush()
             except Exception:
                 logger.warning("could not write request tallies to Redis", exc_info=True)
-            if self.served:
-                self.wake.set()  # still owed to Redis: come back after the next tick
+            if self.served and self.served_timer is None:
+                # Still owed to Redis: come back when they are due (a count that changes brings
+                # the loop back sooner). Coming back every tick until then woke the hub twenty times
+                # in the second after its last request, each a loop wake-up and a look at the tally.
+                due_in = SERVED_FLUSH_S - (time.monotonic() - self.served_flushed_at) - FLUSH_S
+                self.served_timer = asyncio.get_running_loop().call_later(max(0.0, due_in), self._served_due)
+
+    def _served_due(self) -> None:
+        self.served_timer = None
+        self.wake.set()
 
     async def flush(self) -> None:
         from .demand import demand_commands

@@ -56,6 +56,28 @@ async def test_served_requests_become_demand_within_about_a_second():
     assert not tally.served  # nothing left owed
 
 
+async def test_served_counts_owed_to_redis_do_not_wake_an_idle_hub_every_tick():
+    from fleet.inflight import FLUSH_S, SERVED_FLUSH_S
+
+    tally, instance_id, model_id = Tally(), 900_005, "tally-idle-model"
+    flushes = []
+    flush = tally.flush
+
+    async def counted():
+        flushes.append(time.monotonic())
+        await flush()
+
+    tally.flush = counted
+    tally.served_flushed_at = time.monotonic()  # served counts were just written: the next are due in a second
+    before = demand_counts([model_id])[model_id]
+    tally.enter(instance_id, model_id)
+    tally.leave(instance_id)
+    await eventually(lambda: demand_counts([model_id])[model_id] == before + 1, timeout_s=SERVED_FLUSH_S + 2)
+    # One flush for the in-flight change, one when the served count is due: not one per tick.
+    assert len(flushes) <= 3 < SERVED_FLUSH_S / FLUSH_S, flushes
+    assert flushes[-1] - flushes[0] >= SERVED_FLUSH_S - 2 * FLUSH_S
+
+
 async def test_requests_that_come_and_go_within_a_tick_cost_no_write():
     from fleet.inflight import FLUSH_S
 
