@@ -118,19 +118,18 @@ class GatewayASGIHandler(ASGIHandler):
             headers += [(b"Set-Cookie", c.output(header="").encode("ascii").strip()) for c in response.cookies.values()]
             server["respond"](response.status_code, headers, response.content)
             return
-        write = server and server["write"]
         headers = [(name.encode("ascii"), value.encode("latin1")) for name, value in response.items()]
         headers += [(b"Set-Cookie", c.output(header="").encode("ascii").strip()) for c in response.cookies.values()]
-        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         parts = response.parts
-        push = getattr(parts, "push", None) if write is not None else None
+        push = getattr(parts, "push", None) if server is not None else None
         try:
             if push is not None:
-                # The headers go out now, while the engine works on its first part: daphne holds
-                # them until the first body message, and they would then delay that first token.
-                await send({"type": "http.response.body", "body": b"", "more_body": True})
-                server["end"](await push(write))  # the last part goes out with the end, in one send
+                # The headers go out now, while the engine works on its first part (held until
+                # the first part, they would delay that first token).
+                server["start"](response.status_code, headers)
+                server["end"](await push(server["write"]))  # the last part goes out with the end, in one send
                 return
+            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
             async for part in parts:
                 if part:
                     await send({"type": "http.response.body", "body": part, "more_body": True})

@@ -22,10 +22,10 @@ goes out at once when it is written, before the clean-up after it, and a stream'
 as they come (SERVER_EXTENSION below). Accepted sockets also get TCP_NODELAY,
 as asyncio gives every TCP socket: a token must not wait for the client to acknowledge the one before.
 
-The server also offers the application plain calls (SERVER_EXTENSION): a write for the parts
-of a started response, sent at once, through which the gateway pushes a stream's tokens from the
-engine connection's receive callback (no ASGI message, task wake-up or loop turn per token), and an
-end for its last part; a respond for a whole answer, written as one block instead of through daphne's and Twisted's handling
+The server also offers the application plain calls (SERVER_EXTENSION): a start for a stream's
+headers, a write for the parts of a started response, sent at once, through which the gateway
+pushes a stream's tokens from the engine connection's receive callback (no ASGI message, task
+wake-up or loop turn per token), and an end for its last part; a respond for a whole answer, written as one block instead of through daphne's and Twisted's handling
 of two ASGI messages (at one client, 0.1-0.2 ms less from the engine's plain answer to the client's);
 and a callback on the client's disconnect, in place of a task per request listening for it.
 
@@ -50,6 +50,8 @@ import time
 
 # An ASGI extension porten.serve offers in each HTTP scope, as {"write": ..., "respond": ...,
 # "on_disconnect": ...}, plain calls from the event loop's thread (porten.gateway_handler uses them):
+# - start(status, headers) sends a response's status and headers (bytes pairs, no Content-Length) at
+#   once, its body to follow in chunks, as http.response.start and an empty body message would;
 # - write(body) sends a part of a started response at once, as an http.response.body message with
 #   more_body would;
 # - end(body) sends the last part of a started response (b"" for none) with the response's end, at
@@ -204,24 +206,52 @@ def _lean_daphne() -> None:
             else:
                 self.channel.write(data)
 
-        def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-            """The SERVER_EXTENSION's respond: a whole answer, as an http.response.start message and
-            one last http.response.body message would be, framed by its length (`headers` has no
-            Content-Length) and sent at once: one header block, where daphne and Twisted copy the
-            headers into a sanitized Headers object, build the block from that and decide on
-            chunking. Whatever Twisted frames or cleans its own way (HEAD, 204/304, a line break
-            in a header) goes their way instead."""
+        def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+            """The SERVER_EXTENSION's start: a response's status and headers, sent at once, its body
+            to follow in chunks (write, end), as an http.response.start message and an empty
+            http.response.body message with more_body would."""
             if self.finished or self.channel is None or self._disconnected:
                 return  # as daphne does once the connection is gone
             if self._response_started:
                 raise ValueError("HTTP response has already been started")
-            lines = [b"".join((name, b": ", value, b"\r\n")) for name, value in headers]
-            block = b"".join(lines)
-            if self.method == b"HEAD" or status in http.NO_BODY_CODES or block.count(b"\n") != len(lines) \
-                    or block.count(b"\r") != len(lines):
+            head = self._plain_head(status, headers, b"Transfer-Encoding: chunked\r\n\r\n") \
+                if self.clientproto == b"HTTP/1.1" else None
+            if head is None:
+                self.handle_reply({"type": "http.response.start", "status": status, "headers": headers})
+                self.handle_reply({"type": "http.response.body", "body": b"", "more_body": True})
+                return
+            self.startedWriting, self.chunked = 1, 1
+            self._send_at_once(head)
+
+        def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+            """The SERVER_EXTENSION's respond: a whole answer, as an http.response.start message and
+            one last http.response.body message would be, framed by its length and sent at once."""
+            if self.finished or self.channel is None or self._disconnected:
+                return  # as daphne does once the connection is gone
+            if self._response_started:
+                raise ValueError("HTTP response has already been started")
+            head = self._plain_head(status, headers, b"Content-Length: %d\r\n\r\n" % len(body))
+            if head is None:
                 self.handle_reply({"type": "http.response.start", "status": status, "headers": headers})
                 self.handle_reply({"type": "http.response.body", "body": body})
                 return
+            self.startedWriting, self.sentLength = 1, len(body)
+            self._send_at_once(head + body)
+            self.finish()
+            self.log_complete()
+
+        def _plain_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes | None:
+            """The response's status line and headers as one block, ending with `framing` (its
+            length or chunked coding) and the blank line, and the response marked started; where
+            daphne and Twisted copy the headers into a sanitized Headers object, build the block
+            from that and decide on the framing. None, with nothing changed, for what Twisted frames
+            or cleans its own way: HEAD, 204/304, a Content-Length or a line break in `headers`."""
+            lines = [b"".join((name, b": ", value, b"\r\n")) for name, value in headers]
+            block = b"".join(lines)
+            names = {name.lower() for name, _ in headers}
+            if self.method == b"HEAD" or status in http.NO_BODY_CODES or b"content-length" in names \
+                    or block.count(b"\n") != len(lines) or block.count(b"\r") != len(lines):
+                return None
             self._response_started = True
             self.setResponseCode(status)
             head = [b"%s %d %s\r\n" % (self.clientproto, status, self.code_message)]
@@ -229,14 +259,10 @@ def _lean_daphne() -> None:
                 head.extend(b"".join((name, b": ", value, b"\r\n")) for value in values)
             head.append(block)
             server_name = self.server.server_name
-            if server_name and not any(name.lower() == b"server" for name, _ in headers):
+            if server_name and b"server" not in names:
                 head.append(b"Server: %s\r\n" % server_name.encode())
-            head.append(b"Content-Length: %d\r\n\r\n" % len(body))
-            head.append(body)
-            self.startedWriting, self.sentLength = 1, len(body)
-            self._send_at_once(b"".join(head))
-            self.finish()
-            self.log_complete()
+            head.append(framing)
+            return b"".join(head)
 
         def log_complete(self) -> None:
             """daphne's access-log entry for a finished answer, as its handle_reply writes it."""
@@ -285,8 +311,8 @@ def _lean_daphne() -> None:
         def create_application(self, protocol, scope):
             if scope.get("type") == "http" and isinstance(protocol, WebRequest):
                 scope["extensions"] = {**scope.get("extensions", {}), SERVER_EXTENSION: {
-                    "write": protocol.write_part, "end": protocol.end_part, "respond": protocol.respond,
-                    "on_disconnect": protocol.on_disconnect}}
+                    "start": protocol.start, "write": protocol.write_part, "end": protocol.end_part,
+                    "respond": protocol.respond, "on_disconnect": protocol.on_disconnect}}
             queue = super().create_application(protocol, scope)
             task = self.connections.get(protocol, {}).get("application_instance")
             if task is not None:

@@ -224,22 +224,24 @@ async def test_a_pass_through_stream_is_pushed_to_the_servers_write_when_it_offe
     source = Pushable([b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"])
     inbox: asyncio.Queue = asyncio.Queue()
     inbox.put_nowait({"type": "http.request", "body": b"{}", "more_body": False})
-    sent, written, ended = [], [], []
+    sent, started, written, ended = [], [], [], []
 
     async def send(message):
         sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"", "headers": []}
     if server_writes:
-        scope["extensions"] = {SERVER_EXTENSION: {"write": written.append, "end": ended.append,
-                                                  "on_disconnect": lambda callback: None}}
+        scope["extensions"] = {SERVER_EXTENSION: {
+            "start": lambda *args: started.append(args), "write": written.append, "end": ended.append,
+            "on_disconnect": lambda callback: None}}
     await asyncio.wait_for(PushHandler(source)(scope, inbox.get, send), 10)
-    start, *body = sent
-    assert start["type"] == "http.response.start"
-    if server_writes:  # the headers at once, the parts written, the last one with the end
-        assert body == [{"type": "http.response.body", "body": b"", "more_body": True}]
+    if server_writes:  # the headers at once, the parts written, the last one with the end: no ASGI message
+        (status, headers), = started
+        assert status == 200 and (b"Content-Type", b"text/event-stream") in headers and sent == []
         assert written == [b"data: 1\n\n", b"data: 2\n\n"] and ended == [b"data: [DONE]\n\n"]
     else:
+        start, *body = sent
+        assert start["type"] == "http.response.start"
         assert [m.get("body") for m in body] == [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n", None]
         assert not written and not ended
     assert source.closed
@@ -251,18 +253,18 @@ async def test_a_pushed_stream_that_breaks_closes_its_source_and_the_error_goes_
     source = Pushable([b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"], fail_after=1)
     inbox: asyncio.Queue = asyncio.Queue()
     inbox.put_nowait({"type": "http.request", "body": b"{}", "more_body": False})
-    sent, written, ended = [], [], []
+    sent, started, written, ended = [], [], [], []
 
     async def send(message):
         sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"", "headers": [],
-             "extensions": {SERVER_EXTENSION: {"write": written.append, "end": ended.append,
-                                               "on_disconnect": lambda callback: None}}}
+             "extensions": {SERVER_EXTENSION: {"start": lambda *args: started.append(args), "write": written.append,
+                                               "end": ended.append, "on_disconnect": lambda callback: None}}}
     with pytest.raises(ConnectionError):
         await asyncio.wait_for(PushHandler(source)(scope, inbox.get, send), 10)
-    assert written == [b"data: 1\n\n"] and source.closed and not ended
-    assert not [m for m in sent if m["type"] == "http.response.body" and not m.get("more_body")]  # no clean end
+    assert len(started) == 1 and written == [b"data: 1\n\n"] and source.closed
+    assert not ended and sent == []  # no clean end
 
 
 class AnswerHandler(GatewayASGIHandler):

@@ -97,6 +97,31 @@ CHECK = textwrap.dedent("""
         raise AssertionError("a part before the response started was taken")
     except ValueError:
         pass
+    # start: a stream's headers in one send, chunked; over HTTP/1.0, through daphne's messages.
+    made = made_request()
+    made.server.server_name = "daphne"
+    channel = made.channel
+    made.start(200, [(b"Content-Type", b"text/event-stream"), (b"Cache-Control", b"no-cache")])
+    channel.transport.send_at_once.assert_called_once_with(
+        b"HTTP/1.1 200 OK\\r\\nContent-Type: text/event-stream\\r\\nCache-Control: no-cache\\r\\n"
+        b"Server: daphne\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n")
+    assert made._response_started and made.startedWriting and made.chunked and not made.finished
+    made.write_part(b"data: x\\n\\n")  # the parts follow, chunked
+    assert channel.transport.send_at_once.call_args.args[0] == b"9\\r\\ndata: x\\n\\n\\r\\n"
+    try:
+        made.start(200, [])
+        raise AssertionError("a second start was taken")
+    except ValueError:
+        pass
+    for proto, headers in ((b"HTTP/1.0", []), (b"HTTP/1.1", [(b"Content-Length", b"5")])):
+        made = made_request()
+        made.clientproto = proto
+        made.handle_reply = mock.Mock()
+        made.start(200, headers)
+        assert [c.args[0] for c in made.handle_reply.call_args_list] == [
+            {"type": "http.response.start", "status": 200, "headers": headers},
+            {"type": "http.response.body", "body": b"", "more_body": True}]
+        assert not made.channel.transport.send_at_once.called
     # end: a stream's last part and its end, in one send, logged as daphne logs it.
     for last, expected in ((b"last", b"4\\r\\nlast\\r\\n0\\r\\n\\r\\n"), (b"", b"0\\r\\n\\r\\n")):
         made = made_request()
@@ -183,7 +208,7 @@ CHECK = textwrap.dedent("""
     loop.run_until_complete(hub.connections[made]["application_instance"])
     offered = seen[0]["extensions"][SERVER_EXTENSION]
     assert seen[0]["extensions"]["other"] == {}
-    assert offered == {"write": made.write_part, "end": made.end_part, "respond": made.respond,
+    assert offered == {"start": made.start, "write": made.write_part, "end": made.end_part, "respond": made.respond,
                        "on_disconnect": made.on_disconnect}
     # A new application runs its first step before whatever else the loop had ready (the next
     # connection's read), not after it.
