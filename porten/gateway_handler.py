@@ -108,8 +108,8 @@ class GatewayASGIHandler(ASGIHandler):
 
     async def send_response(self, response, send, server: dict | None = None) -> None:
         """Django's; under porten.serve (`server`: its SERVER_EXTENSION) a whole answer is handed to
-        its respond, and a PassThroughStream's parts are pushed to its write when they can be, the
-        last one with its end; otherwise they go one message each."""
+        its respond, and a PassThroughStream that can push its parts goes through its start, write
+        and end; otherwise the parts go one message each."""
         if not isinstance(response, PassThroughStream):
             if server is None or response.streaming:
                 return await super().send_response(response, send)

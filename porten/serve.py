@@ -25,9 +25,11 @@ as asyncio gives every TCP socket: a token must not wait for the client to ackno
 The server also offers the application plain calls (SERVER_EXTENSION): a start for a stream's
 headers, a write for the parts of a started response, sent at once, through which the gateway
 pushes a stream's tokens from the engine connection's receive callback (no ASGI message, task
-wake-up or loop turn per token), and an end for its last part; a respond for a whole answer, written as one block instead of through daphne's and Twisted's handling
-of two ASGI messages (at one client, 0.1-0.2 ms less from the engine's plain answer to the client's);
-and a callback on the client's disconnect, in place of a task per request listening for it.
+wake-up or loop turn per token), and an end for its last part; a respond for a whole answer; and a
+callback on the client's disconnect, in place of a task per request listening for it. start and
+respond write the headers as one block, where daphne's and Twisted's handling of the ASGI messages
+copied them into a sanitized Headers object first: at one client, the hub's time from the engine's
+plain answer to its send went from 330-450 µs to 280-350 µs (p50s of three runs each).
 
 A request's application task runs its first step as soon as the request is read, ahead of other
 connections' reads in the same loop turn (_first_step_next). A connection's idle timeout is one
@@ -48,8 +50,9 @@ import sys
 import time
 
 
-# An ASGI extension porten.serve offers in each HTTP scope, as {"write": ..., "respond": ...,
-# "on_disconnect": ...}, plain calls from the event loop's thread (porten.gateway_handler uses them):
+# An ASGI extension porten.serve offers in each HTTP scope, as {"start": ..., "write": ..., "end": ...,
+# "respond": ..., "on_disconnect": ...}, plain calls from the event loop's thread (porten.gateway_handler
+# uses them):
 # - start(status, headers) sends a response's status and headers (bytes pairs, no Content-Length) at
 #   once, its body to follow in chunks, as http.response.start and an empty body message would;
 # - write(body) sends a part of a started response at once, as an http.response.body message with
