@@ -50,6 +50,15 @@ class PassThroughStream(StreamingHttpResponse):
         self.parts = parts
 
 
+def _raw_headers(response, but: str | None = None) -> list[tuple[bytes, bytes]]:
+    """The response's headers and cookies as an ASGI server takes them (as Django's send_response
+    makes them), less the header named `but` (lower case)."""
+    headers = [(name.encode("ascii"), value.encode("latin1")) for name, value in response.items()
+               if but is None or name.lower() != but]
+    headers += [(b"Set-Cookie", c.output(header="").encode("ascii").strip()) for c in response.cookies.values()]
+    return headers
+
+
 class _Call:
     """One call's task, cancelled if its client disconnects before the answer is sent. Outcomes are
     read off the listener, never raised here: a raised exception's traceback would hold the frame
@@ -113,13 +122,10 @@ class GatewayASGIHandler(ASGIHandler):
         if not isinstance(response, PassThroughStream):
             if server is None or response.streaming:
                 return await super().send_response(response, send)
-            headers = [(name.encode("ascii"), value.encode("latin1")) for name, value in response.items()
-                       if name.lower() != "content-length"]  # respond sets it
-            headers += [(b"Set-Cookie", c.output(header="").encode("ascii").strip()) for c in response.cookies.values()]
-            server["respond"](response.status_code, headers, response.content)
+            # respond frames the answer by its length itself
+            server["respond"](response.status_code, _raw_headers(response, but="content-length"), response.content)
             return
-        headers = [(name.encode("ascii"), value.encode("latin1")) for name, value in response.items()]
-        headers += [(b"Set-Cookie", c.output(header="").encode("ascii").strip()) for c in response.cookies.values()]
+        headers = _raw_headers(response)
         parts = response.parts
         push = getattr(parts, "push", None) if server is not None else None
         try:
