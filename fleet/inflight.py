@@ -1,6 +1,6 @@
 """Requests in flight per instance (so a draining instance can finish them before it unloads), and
-served demand, tallied in this process and written to Redis in one batch every few dozen
-milliseconds: the hot path itself makes no Redis round trip."""
+served demand, tallied in this process and written to Redis in batches: the hot path itself makes
+no Redis round trip."""
 from __future__ import annotations
 
 import asyncio
@@ -17,10 +17,13 @@ from porten.redis import aredis_client, redis_client
 logger = logging.getLogger(__name__)
 
 TTL_S = 3600  # a crashed hub's counts do not pin an instance forever
+# An instance's count reaching or leaving zero is in Redis within FLUSH_S: draining waits for
+# zero, and a request that has just started must hold it off.
 FLUSH_S = 0.05
-# Served counts feed demand (minute buckets) and the idle clock (a 10-minute window): a second
-# late changes nothing, and one write a second instead of twenty frees the hub's loop.
-SERVED_FLUSH_S = 1.0
+# Served counts feed demand (minute buckets) and the idle clock (a 10-minute window), and a count
+# that only grows or shrinks (32 in flight, then 31) changes nothing a reader decides: a second
+# late is fine, and one write a second instead of twenty frees the hub's loop.
+SLOW_FLUSH_S = 1.0
 PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
@@ -35,11 +38,12 @@ class Tally:
         self.inflight: Counter[int] = Counter()
         self.dirty: set[int] = set()
         self.written: dict[int, int] = {}  # what Redis holds for this process
+        self.resized: set[int] = set()  # counts that changed but not to or from zero, owed to Redis
         self.served: Counter[str] = Counter()
-        self.served_flushed_at = 0.0
+        self.slow_flushed_at = 0.0  # when served counts and resized counts were last written
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
-        self.served_timer: asyncio.TimerHandle | None = None
+        self.slow_timer: asyncio.TimerHandle | None = None
 
     def enter(self, instance_id: int, served_model_id: str | None) -> None:
         self.inflight[instance_id] += 1
@@ -71,36 +75,42 @@ class Tally:
                 await self.flush()
             except Exception:
                 logger.warning("could not write request tallies to Redis", exc_info=True)
-            if self.served and self.served_timer is None:
+            if (self.served or self.resized) and self.slow_timer is None:
                 # Still owed to Redis: come back when they are due (a count that changes brings
                 # the loop back sooner). Coming back every tick until then woke the hub twenty times
                 # in the second after its last request, each a loop wake-up and a look at the tally.
-                due_in = SERVED_FLUSH_S - (time.monotonic() - self.served_flushed_at) - FLUSH_S
-                self.served_timer = asyncio.get_running_loop().call_later(max(0.0, due_in), self._served_due)
+                due_in = SLOW_FLUSH_S - (time.monotonic() - self.slow_flushed_at) - FLUSH_S
+                self.slow_timer = asyncio.get_running_loop().call_later(max(0.0, due_in), self._slow_due)
 
-    def _served_due(self) -> None:
-        self.served_timer = None
+    def _slow_due(self) -> None:
+        self.slow_timer = None
         self.wake.set()
 
     async def flush(self) -> None:
         from .demand import demand_commands
 
-        due = bool(self.served) and time.monotonic() - self.served_flushed_at >= SERVED_FLUSH_S
+        due = bool(self.served or self.resized) and time.monotonic() - self.slow_flushed_at >= SLOW_FLUSH_S
         if not self.dirty and not due:
             return
         dirty, self.dirty = self.dirty, set()
         served = Counter()
         if due:
             served, self.served = self.served, Counter()
-            self.served_flushed_at = time.monotonic()
+            dirty |= self.resized
+            self.resized = set()
+            self.slow_flushed_at = time.monotonic()
         pipe = aredis_client().pipeline(transaction=False)
         writing: dict[int, int] = {}
         for instance_id in dirty:
             count = max(self.inflight[instance_id], 0)
             if count == 0:
                 del self.inflight[instance_id]
-            if count == self.written.get(instance_id, 0):
+            written = self.written.get(instance_id, 0)
+            if count == written:
                 continue  # back where it was: one request left and the next came in between
+            if not due and count and written:
+                self.resized.add(instance_id)  # still in flight, only more or fewer: with the next slow flush
+                continue
             writing[instance_id] = count
             if count > 0:
                 pipe.hset(_key(instance_id), PROCESS_ID, count)

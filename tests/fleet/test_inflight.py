@@ -57,7 +57,7 @@ async def test_served_requests_become_demand_within_about_a_second():
 
 
 async def test_served_counts_owed_to_redis_do_not_wake_an_idle_hub_every_tick():
-    from fleet.inflight import FLUSH_S, SERVED_FLUSH_S
+    from fleet.inflight import FLUSH_S, SLOW_FLUSH_S
 
     tally, instance_id, model_id = Tally(), 900_005, "tally-idle-model"
     flushes = []
@@ -68,14 +68,37 @@ async def test_served_counts_owed_to_redis_do_not_wake_an_idle_hub_every_tick():
         await flush()
 
     tally.flush = counted
-    tally.served_flushed_at = time.monotonic()  # served counts were just written: the next are due in a second
+    tally.slow_flushed_at = time.monotonic()  # served counts were just written: the next are due in a second
     before = demand_counts([model_id])[model_id]
     tally.enter(instance_id, model_id)
     tally.leave(instance_id)
-    await eventually(lambda: demand_counts([model_id])[model_id] == before + 1, timeout_s=SERVED_FLUSH_S + 2)
+    await eventually(lambda: demand_counts([model_id])[model_id] == before + 1, timeout_s=SLOW_FLUSH_S + 2)
     # One flush for the in-flight change, one when the served count is due: not one per tick.
-    assert len(flushes) <= 3 < SERVED_FLUSH_S / FLUSH_S, flushes
-    assert flushes[-1] - flushes[0] >= SERVED_FLUSH_S - 2 * FLUSH_S
+    assert len(flushes) <= 3 < SLOW_FLUSH_S / FLUSH_S, flushes
+    assert flushes[-1] - flushes[0] >= SLOW_FLUSH_S - 2 * FLUSH_S
+
+
+async def test_a_count_that_only_grows_or_shrinks_is_written_once_a_second():
+    from fleet.inflight import FLUSH_S, SLOW_FLUSH_S
+
+    tally, instance_id = Tally(), 900_006
+    try:
+        tally.enter(instance_id, None)  # from zero: written within a tick or so
+        await eventually(lambda: inflight_count(instance_id) == 1, timeout_s=FLUSH_S * 10)
+        started = tally.slow_flushed_at = time.monotonic()  # as if the last slow flush was just now
+        for _ in range(4):  # a steady load: more requests come, some leave, never down to zero
+            tally.enter(instance_id, None)
+            tally.enter(instance_id, None)
+            tally.leave(instance_id)
+            await asyncio.sleep(FLUSH_S * 2)
+        assert inflight_count(instance_id) == 1  # 5 in flight, Redis not written at every tick
+        await eventually(lambda: inflight_count(instance_id) == 5, timeout_s=SLOW_FLUSH_S + 1)
+        assert time.monotonic() - started >= SLOW_FLUSH_S - 2 * FLUSH_S
+        for _ in range(5):
+            tally.leave(instance_id)
+        await eventually(lambda: not redis_client().exists(_key(instance_id)), timeout_s=FLUSH_S * 10)
+    finally:
+        redis_client().delete(_key(instance_id))
 
 
 async def test_requests_that_come_and_go_within_a_tick_cost_no_write():

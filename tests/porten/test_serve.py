@@ -316,6 +316,24 @@ CHECK = textwrap.dedent("""
 
     idle_loop.run_until_complete(stopping())
     assert stream.getvalue().count("\\n") == 5, "a line pending at the stop was lost"
+    # The lines are daphne's own, in order, a websocket entry among answered requests included.
+    import re
+
+    entries = [("http", "complete", entry), ("http", "complete", {**entry, "status": 404, "size": 0}),
+               ("websocket", "connected", {"client": "127.0.0.1:9", "path": "/ws/x"}),
+               ("http", "complete", {**entry, "client": None, "method": "GET"})]
+    ours, daphnes = io.StringIO(), io.StringIO()
+    access_log, daphne_log = cli.AccessLogGenerator(ours), access.AccessLogGenerator(daphnes)
+
+    async def logged():
+        for logged_entry in entries:
+            access_log(*logged_entry)
+            daphne_log(*logged_entry)
+        await asyncio.sleep(0.01)
+
+    idle_loop.run_until_complete(logged())
+    undated = [re.sub(r"\\[[^]]*\\]", "[]", log.getvalue()) for log in (ours, daphnes)]
+    assert undated[0] == undated[1] and undated[0].count("\\n") == 4, undated
     print("lean")
 """)
 
