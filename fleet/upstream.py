@@ -68,8 +68,11 @@ class _Chunks:
 
     def feed(self, data: bytes) -> bytes:
         """The data of every whole chunk received so far and not yet returned (b"" if none)."""
-        buf = self.buffer
-        buf += data
+        if self.buffer:  # the rest of a chunk begun before
+            buf = self.buffer
+            buf += data
+        else:  # usually whole chunks: read them where they are, with no copy into the buffer and out
+            buf = bytes(data)
         parts, pos = [], 0
         while not self.finished:
             line_end = buf.find(b"\r\n", pos)
@@ -98,7 +101,10 @@ class _Chunks:
                 raise ValueError("a chunk is not followed by CRLF")
             parts.append(bytes(buf[start:start + size]))
             pos = start + size + 2
-        del buf[:pos]
+        if buf is self.buffer:
+            del buf[:pos]
+        elif pos < len(buf):
+            self.buffer += buf[pos:]
         return b"".join(parts)
 
 

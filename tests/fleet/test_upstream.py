@@ -166,6 +166,13 @@ def test_chunked_coding_fed_a_byte_at_a_time_decodes_to_the_same_data():
     assert decoder.finished and not decoder.buffer
     whole = _Chunks()
     assert whole.feed(CHUNKED) == out and whole.finished  # all at once: one piece
+    for cut in range(1, len(CHUNKED)):  # whole chunks and the start of the next, then the rest
+        halves = _Chunks()
+        first = halves.feed(memoryview(CHUNKED)[:cut])  # as the connection hands it over
+        assert first + halves.feed(memoryview(CHUNKED)[cut:]) == out and halves.finished, cut
+        assert not halves.buffer
+    tail = _Chunks()
+    assert tail.feed(CHUNKED + b"JUNK") == out and bytes(tail.buffer) == b"JUNK"  # kept: the connection is not reused
 
 
 @pytest.mark.parametrize("broken", [b"5\r\nhelloXX", b"-5\r\nhello\r\n", b"zz\r\n", b"1" * 70_000])
