@@ -321,7 +321,30 @@ def _lean_daphne() -> None:
             task = self.connections.get(protocol, {}).get("application_instance")
             if task is not None:
                 _first_step_next(task)
+                if isinstance(protocol, WebRequest):
+                    task.add_done_callback(lambda _: self._forget_answered(protocol))
             return queue
+
+        def protocol_disconnected(self, protocol) -> None:
+            if protocol not in self.connections:
+                return  # over and forgotten already (a lost connection after the end, say)
+            super().protocol_disconnected(protocol)
+            if isinstance(protocol, WebRequest):
+                self._forget_answered(protocol)
+
+        def _forget_answered(self, protocol) -> None:
+            """What daphne's application_checker does for an HTTP request that is over (answered or
+            gone) and whose application has returned, at once. The checker runs once a second, so
+            the connection table held every request of the last second (some 900 at 32 streams),
+            and that growth set off the cycle collector: 13 passes in 4,000 streams, 9 of them
+            pauses of 2-9 ms for every call in flight; none now. An application that failed stays
+            for the checker, which logs the error and answers 500."""
+            details = self.connections.get(protocol)
+            if details is None or "disconnected" not in details:
+                return
+            task = details.get("application_instance")
+            if task is not None and task.done() and (task.cancelled() or task.exception() is None):
+                del self.connections[protocol]
 
     class HTTPChannel(http.HTTPChannel):
         """Twisted's HTTP connection, with its idle timeout kept as one timer per connection, moved on

@@ -217,6 +217,27 @@ CHECK = textwrap.dedent("""
     loop.call_soon(read)
     loop.run_until_complete(asyncio.sleep(0.01))
     assert order == ["application", "next read"], order
+    # A request that is over leaves the connection table once its application has returned, in
+    # either order, not at daphne's checker a second later; one whose application failed stays
+    # for the checker to log and answer.
+    async def answers(scope, receive, send):
+        await asyncio.sleep(0)
+
+    async def fails(scope, receive, send):
+        raise RuntimeError("broken")
+
+    for application, over_first, kept in ((answers, False, False), (answers, True, False), (fails, False, True)):
+        made = made_request()
+        hub.connections, hub.application = {made: {}}, application
+        hub.create_application(made, {"type": "http"})
+        if over_first:
+            hub.protocol_disconnected(made)
+            assert made in hub.connections, "forgotten while its application still runs"
+        loop.run_until_complete(asyncio.wait([hub.connections[made]["application_instance"]]))
+        loop.run_until_complete(asyncio.sleep(0))
+        assert made in hub.connections or over_first, "forgotten while the request still answers"
+        hub.protocol_disconnected(made)  # the answer's end (or, after it, a lost connection)
+        assert (made in hub.connections) == kept, (application, over_first)
     # on_disconnect: called back once if the connection is lost before the answer is finished,
     # at once if it already was, and never once the answer is finished.
     from twisted.internet import error
