@@ -11,6 +11,12 @@ cpu/req is the CPU time (user and system) the proxy's process and its children s
 request: unlike latency on a shared machine, it does not move with how the kernel happens to
 schedule the processes.
 
+In each row the targets take turns (--rounds, 2 by default: direct, pipe, Porten, LiteLLM, then the
+reverse), each over connections kept from turn to turn, and each target's figures pool its turns:
+this machine's speed drifts by more than the 5 % the target is about, and a slow moment then falls
+on every target rather than on whichever was measured in it. --rounds 1 measures each target
+once, one after the other, as runs before 2026-11-30 did.
+
 Each table runs twice: with every process free to use every core, and with the proxy (the pipe,
 Porten, LiteLLM, measured one at a time) on a core of its own while the load generator and the engine share the rest; the second is
 how a hub runs in production, where clients are elsewhere (bench/harness.py: layouts).
@@ -27,7 +33,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import REPO, Stack, apply_layout, cpu_seconds, free_port, layouts, load, summary
+from harness import (REPO, Sample, Stack, apply_layout, cpu_seconds, free_port, layouts, load, load_client,
+                     summary)
 
 DEFAULT_LITELLM = Path.home() / ".cache/porten-bench/litellm-venv/bin/litellm"
 
@@ -61,11 +68,53 @@ def start_litellm(stack: Stack, binary: Path, upstream: str, model: str) -> tupl
 TARGET_ADDED_MS, TARGET_RATIO = 2.0, 1.05  # issue 4's target for Porten against the stub engine
 
 
+ROUNDS = 2  # each target's requests come in this many turns (see measure_row)
+
+
+async def measure_row(targets: dict[str, tuple[str, str | None]], *, model: str, stream: bool, clients: int,
+                      requests: int, max_tokens: int, pids: dict[str, int], rounds: int) -> dict[str, dict]:
+    """One row: `requests` per round for each target, the targets taking turns, in one order and
+    then the reverse (direct, pipe, Porten, LiteLLM, then LiteLLM, Porten, pipe, direct...), each
+    over its own connections, kept from round to round. This machine's speed drifts by more than
+    the 5 % the target is about (straight to the stub engine, one client's p50 read 33.3 ms on one
+    day and 35.2 ms on the next); measured one after the other, each target had a moment of its
+    own, and a slow one could land on any of them."""
+    opened = {name: load_client(clients) for name in targets}
+    try:
+        spread_s = 0.0  # the clients' starts spread over one answer straight from the engine (harness.load)
+        for name, (url, key) in targets.items():  # warm connections and caches
+            warm = await load(url, model=model, concurrency=clients, requests=max(clients, requests // 10),
+                              stream=stream, api_key=key, max_tokens=max_tokens, client=opened[name])
+            spread_s = spread_s or summary(warm)["p50_ms"] / 1000
+        samples = {name: Sample() for name in targets}
+        cpu_s = dict.fromkeys(pids, 0.0)
+        names = list(targets)
+        for turn in range(rounds):
+            for name in names if turn % 2 == 0 else reversed(names):
+                url, key = targets[name]
+                cpu_before = cpu_seconds(pids[name]) if name in pids else None
+                part = await load(url, model=model, concurrency=clients, requests=requests, stream=stream,
+                                  api_key=key, max_tokens=max_tokens, spread_s=spread_s, client=opened[name])
+                if cpu_before is not None:
+                    cpu_s[name] += cpu_seconds(pids[name]) - cpu_before
+                samples[name].latencies_s += part.latencies_s
+                samples[name].ttft_s += part.ttft_s
+                samples[name].errors += part.errors
+    finally:
+        for client in opened.values():
+            await client.aclose()
+    results = {name: summary(sample) for name, sample in samples.items()}
+    for name, spent_s in cpu_s.items():
+        results[name]["cpu_ms"] = spent_s / (requests * rounds) * 1000
+    return results
+
+
 def run_table(title: str, targets: dict[str, tuple[str, str | None]], model: str, plan: list[tuple[bool, int, int]],
-              max_tokens: int, pids: dict[str, int], judge: bool = False) -> None:
-    """`pids`: the process of each proxy target, whose CPU time per request is shown (cpu/req).
-    With `judge`, a last line says which rows meet the target: Porten's added p50 under
-    TARGET_ADDED_MS, its ratio at most TARGET_RATIO, and ahead of LiteLLM when it ran."""
+              max_tokens: int, pids: dict[str, int], judge: bool = False, rounds: int = ROUNDS) -> None:
+    """`plan`: (stream, clients, requests per round) rows. `pids`: the process of each proxy target,
+    whose CPU time per request is shown (cpu/req). With `judge`, a last line says which rows meet
+    the target: Porten's added p50 under TARGET_ADDED_MS, its ratio at most TARGET_RATIO, and ahead
+    of LiteLLM when it ran."""
     print(f"\n== {title} ==")
     header = f"{'mode':<10}{'clients':>8} {'target':<8}{'p50 ms':>9}{'p99 ms':>9}{'TTFT p50':>10}{'errors':>7}" \
              f"{'added p50':>11}{'ratio':>7}{'cpu/req':>9}"
@@ -73,18 +122,8 @@ def run_table(title: str, targets: dict[str, tuple[str, str | None]], model: str
     print("-" * len(header))
     missed = []
     for stream, clients, requests in plan:
-        results = {}
-        spread_s = 0.0  # the clients' starts spread over one answer straight from the engine (harness.load)
-        for name, (url, key) in targets.items():
-            warm = asyncio.run(load(url, model=model, concurrency=clients, requests=max(clients, requests // 10),
-                                    stream=stream, api_key=key, max_tokens=max_tokens))  # warm connections and caches
-            spread_s = spread_s or summary(warm)["p50_ms"] / 1000
-            cpu_before = cpu_seconds(pids[name]) if name in pids else None
-            results[name] = summary(asyncio.run(load(url, model=model, concurrency=clients, requests=requests,
-                                                     stream=stream, api_key=key, max_tokens=max_tokens,
-                                                     spread_s=spread_s)))
-            if cpu_before is not None:
-                results[name]["cpu_ms"] = (cpu_seconds(pids[name]) - cpu_before) / requests * 1000
+        results = asyncio.run(measure_row(targets, model=model, stream=stream, clients=clients, requests=requests,
+                                          max_tokens=max_tokens, pids=pids, rounds=rounds))
         base = results["direct"]
         for name, r in results.items():
             added = r["p50_ms"] - base["p50_ms"]
@@ -109,7 +148,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama", action="store_true", help="also run against a real llama.cpp engine")
     parser.add_argument("--litellm", type=Path, default=DEFAULT_LITELLM)
-    parser.add_argument("--requests", type=int, default=400, help="requests per measurement at 32 clients")
+    parser.add_argument("--requests", type=int, default=400, help="requests per round at 32 clients")
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help="turns the targets take in each row (1: each measured once, one after the other)")
     args = parser.parse_args()
 
     stack = Stack()
@@ -133,10 +174,12 @@ def main() -> None:
         proxies = list(pids.values())
         print(f"Stub engine: 16 tokens, 2 ms apart (about 32 ms per answer); {os.cpu_count()} cores for the load "
               "generator, the engine and the proxy (the pipe, Porten or LiteLLM), in each layout below.")
-        plan = [(False, 1, 200), (False, 32, args.requests), (True, 1, 200), (True, 32, args.requests)]
+        one_client = 200 // args.rounds  # 200 calls in all, as before rounds
+        plan = [(False, 1, one_client), (False, 32, args.requests), (True, 1, one_client), (True, 32, args.requests)]
         for layout_name, layout in layouts(proxies):
             apply_layout(layout)
-            run_table(f"stub engine, {layout_name}", targets, "stub-model", plan, max_tokens=16, pids=pids, judge=True)
+            run_table(f"stub engine, {layout_name}", targets, "stub-model", plan, max_tokens=16, pids=pids, judge=True,
+                      rounds=args.rounds)
         apply_layout(layouts(proxies)[0][1])
 
         if args.llama:
@@ -161,7 +204,8 @@ def main() -> None:
                 for layout_name, layout in layouts([stack.hub.pid]):
                     apply_layout(layout)
                     run_table(f"llama.cpp, {layout_name}", llama_targets, "gemma-3-270m",
-                              [(False, 1, 30), (False, 4, 30), (True, 1, 30)], max_tokens=8,
+                              [(False, 1, 30 // args.rounds), (False, 4, 30 // args.rounds), (True, 1, 30 // args.rounds)],
+                              max_tokens=8, rounds=args.rounds,
                               pids={"porten": stack.hub.pid})
             finally:
                 stop_engine(proc.pid)

@@ -192,9 +192,20 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def load_client(concurrency: int):
+    """The load generator's HTTP client for `concurrency` clients (see load), to keep its connections
+    from one load call to the next on the same event loop."""
+    from fleet.upstream import EngineClient, EngineTransport
+
+    transport = EngineTransport(max_idle_per_host=concurrency, max_connections_per_host=concurrency)
+    return EngineClient(transport=transport, timeout=120)
+
+
 async def load(url: str, *, model: str, concurrency: int, requests: int, stream: bool, api_key: str | None,
-               max_tokens: int = 16, path: str = "/v1/chat/completions", spread_s: float = 0.0) -> Sample:
-    """`concurrency` clients, each sending requests back to back until `requests` are done.
+               max_tokens: int = 16, path: str = "/v1/chat/completions", spread_s: float = 0.0,
+               client=None) -> Sample:
+    """`concurrency` clients, each sending requests back to back until `requests` are done, over
+    `client` (from load_client) when given, else over connections of their own.
 
     Each client starts at a random moment within `spread_s` (pass about one answer's time), as
     independent clients do. Started in the same instant, 32 clients stay in step: every answer
@@ -207,42 +218,43 @@ async def load(url: str, *, model: str, concurrency: int, requests: int, stream:
     (fleet.upstream), the same for every target. Over httpx's default transport (httpcore), the load
     generator was itself the bottleneck at 32 clients: straight to the stub engine it measured a p50
     of 48-50 ms and stalls of up to 1.5 s, where a bare asyncio client saw 35 ms and at most 38 ms."""
-    from fleet.upstream import EngineClient, EngineTransport
-
+    if client is None:
+        async with load_client(concurrency) as own:
+            return await load(url, model=model, concurrency=concurrency, requests=requests, stream=stream,
+                              api_key=api_key, max_tokens=max_tokens, path=path, spread_s=spread_s, client=own)
     sample = Sample()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     body = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": max_tokens,
             "stream": stream}
     remaining = [requests]
-    transport = EngineTransport(max_idle_per_host=concurrency, max_connections_per_host=concurrency)
-    async with EngineClient(transport=transport, timeout=120) as client:
-        async def worker():
-            await asyncio.sleep(random.uniform(0, spread_s) if concurrency > 1 else 0)
-            while remaining[0] > 0:
-                remaining[0] -= 1
-                started = time.perf_counter()
-                try:
-                    if stream:
-                        async with client.stream("POST", url + path, json=body, headers=headers) as response:
-                            first = None
-                            async for chunk in response.aiter_raw():
-                                if first is None and chunk:
-                                    first = time.perf_counter()
-                            if response.status_code != 200:
-                                sample.errors += 1
-                                continue
-                        sample.ttft_s.append((first or time.perf_counter()) - started)
-                    else:
-                        response = await client.post(url + path, json=body, headers=headers)
+
+    async def worker():
+        await asyncio.sleep(random.uniform(0, spread_s) if concurrency > 1 else 0)
+        while remaining[0] > 0:
+            remaining[0] -= 1
+            started = time.perf_counter()
+            try:
+                if stream:
+                    async with client.stream("POST", url + path, json=body, headers=headers) as response:
+                        first = None
+                        async for chunk in response.aiter_raw():
+                            if first is None and chunk:
+                                first = time.perf_counter()
                         if response.status_code != 200:
                             sample.errors += 1
                             continue
-                except httpx.HTTPError:
-                    sample.errors += 1
-                    continue
-                sample.latencies_s.append(time.perf_counter() - started)
+                    sample.ttft_s.append((first or time.perf_counter()) - started)
+                else:
+                    response = await client.post(url + path, json=body, headers=headers)
+                    if response.status_code != 200:
+                        sample.errors += 1
+                        continue
+            except httpx.HTTPError:
+                sample.errors += 1
+                continue
+            sample.latencies_s.append(time.perf_counter() - started)
 
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
     return sample
 
 
