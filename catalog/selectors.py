@@ -5,7 +5,7 @@ import time
 
 from django.db.models import QuerySet
 
-from porten.refresh import usable
+from porten.refresh import look_up_once, usable
 
 from .models import CatalogModel
 
@@ -32,7 +32,7 @@ async def offered_model_aget(model_id: str, *, fresh: bool = False) -> CatalogMo
     if hit is not None and not fresh and usable(("offered", model_id), hit[1], time.monotonic() - hit[0],
                                                 _offered_lookup, model_id):
         return hit[1]
-    return await _offered_lookup(model_id)
+    return await look_up_once(("offered", model_id), _offered_lookup, model_id)
 
 
 async def _offered_lookup(model_id: str) -> CatalogModel | None:

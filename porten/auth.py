@@ -7,7 +7,8 @@ from datetime import timedelta
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 
-from .keys import api_key_afor, api_key_for, api_key_touch, bearer_token
+from .keys import api_key_afor, api_key_for, api_key_touch, bearer_token, hash_key
+from .refresh import look_up_once
 
 
 class ApiKeyUser:
@@ -84,6 +85,13 @@ async def _api_key_user(raw_key: str) -> ApiKeyUser | None:
     hit = _key_cache.get(raw_key)
     if hit is not None and hit[0] > now:
         return hit[1]
+    # Calls that come together with a key out of date (a burst after a quiet spell) share one
+    # lookup, known by the key's stored hash: the key itself must not reach the log if it fails.
+    return await look_up_once(("api-key", hash_key(raw_key)), _api_key_lookup, raw_key)
+
+
+async def _api_key_lookup(raw_key: str) -> ApiKeyUser | None:
+    now = time.monotonic()
     api_key = await api_key_afor(raw_key)
     if api_key is None:
         _key_cache.pop(raw_key, None)

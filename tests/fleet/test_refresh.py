@@ -111,3 +111,71 @@ async def test_a_failed_refresh_is_logged_and_the_next_one_runs(caplog):
     assert calls == ["failing", "working"]
     assert "database away" in caplog.text
     assert "key" not in refresh._running
+
+
+async def test_callers_that_find_an_entry_out_of_date_together_share_one_lookup():
+    calls, release = [], asyncio.Event()
+
+    async def lookup(value):
+        calls.append(value)
+        await release.wait()
+        if value == "broken":
+            raise RuntimeError("database away")
+        return value
+
+    callers = [asyncio.create_task(refresh.look_up_once("shared", lookup, "answer")) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    callers[0].cancel()  # its client went away: the others still get their answer
+    release.set()
+    results = await asyncio.gather(*callers, return_exceptions=True)
+    assert calls == ["answer"], "one lookup for five callers"
+    assert isinstance(results[0], asyncio.CancelledError) and results[1:] == ["answer"] * 4
+    assert await refresh.look_up_once("shared", lookup, "again") == "again"  # the next one looks again
+    # A lookup that fails fails for every caller who waited on it, and the next one runs.
+    release.clear()
+    failing = [asyncio.create_task(refresh.look_up_once("failing", lookup, "broken")) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    release.set()
+    outcomes = await asyncio.gather(*failing, return_exceptions=True)
+    assert [str(outcome) for outcome in outcomes] == ["database away"] * 3
+    assert calls == ["answer", "again", "broken"]
+    # A caller who finds a background refresh running for the entry waits for that one.
+    release.clear()
+    refresh.refresh_soon("joined", lookup, "refreshed")
+    joined = asyncio.create_task(refresh.look_up_once("joined", lookup, "not asked"))
+    await asyncio.sleep(0.01)
+    release.set()
+    assert await joined == "refreshed" and calls[-1] == "refreshed"
+
+
+async def test_a_burst_after_a_quiet_spell_looks_up_the_key_and_the_model_once(catalog_model, api_key):
+    from django.test import RequestFactory
+
+    from porten import auth
+
+    model = await sync_to_async(catalog_model)(model_id="burst-model", vram_mb=1000)
+    counted = {"key": 0, "model": 0}
+    key_lookup, model_lookup = auth.api_key_afor, selectors._offered_lookup
+
+    async def key_counted(raw_key):
+        counted["key"] += 1
+        return await key_lookup(raw_key)
+
+    async def model_counted(model_id):
+        counted["model"] += 1
+        return await model_lookup(model_id)
+
+    auth.api_key_afor, selectors._offered_lookup = key_counted, model_counted
+    auth._key_cache.clear()
+    selectors._offered_cache.pop(model.model_id, None)
+    try:
+        def request():
+            return RequestFactory().post("/v1/chat/completions", HTTP_AUTHORIZATION=f"Bearer {api_key}")
+
+        callers = await asyncio.gather(*[auth.authenticate_async(request()) for _ in range(8)])
+        models = await asyncio.gather(*[selectors.offered_model_aget(model.model_id) for _ in range(8)])
+    finally:
+        auth.api_key_afor, selectors._offered_lookup = key_lookup, model_lookup
+    assert all(isinstance(caller, auth.ApiKeyUser) for caller, _ in callers)
+    assert {found.pk for found in models} == {model.pk}
+    assert counted == {"key": 1, "model": 1}, counted
