@@ -75,23 +75,27 @@ async def measure_row(targets: dict[str, tuple[str, str | None]], *, model: str,
                       requests: int, max_tokens: int, pids: dict[str, int], rounds: int) -> dict[str, dict]:
     """One row: `requests` per round for each target, the targets taking turns, in one order and
     then the reverse (direct, pipe, Porten, LiteLLM, then LiteLLM, Porten, pipe, direct...), each
-    over its own connections, kept from round to round. This machine's speed drifts by more than
-    the 5 % the target is about (straight to the stub engine, one client's p50 read 33.3 ms on one
-    day and 35.2 ms on the next); measured one after the other, each target had a moment of its
-    own, and a slow one could land on any of them."""
+    over its own connections and after a few calls of its own to warm up (not counted). This
+    machine's speed drifts by more than the 5 % the target is about (straight to the stub engine,
+    one client's p50 read 33.3 ms on one day and 35.2 ms on the next); measured one after the
+    other, each target had a moment of its own, and a slow one could land on any of them. The
+    warm-up before each turn matters: a target's second turn comes after the others' (up to 15 s
+    for LiteLLM's), and on this machine the first call after a quiet spell is slow for any process
+    (straight to the stub engine, one call after 2-13 s idle took 53-73 ms instead of 38), while
+    Porten's per-process caches (the key, the model, the route) have run out by then. Without it,
+    Porten's p99 at 32 clients read 52-79 ms."""
     opened = {name: load_client(clients) for name in targets}
     try:
         spread_s = 0.0  # the clients' starts spread over one answer straight from the engine (harness.load)
-        for name, (url, key) in targets.items():  # warm connections and caches
-            warm = await load(url, model=model, concurrency=clients, requests=max(clients, requests // 10),
-                              stream=stream, api_key=key, max_tokens=max_tokens, client=opened[name])
-            spread_s = spread_s or summary(warm)["p50_ms"] / 1000
         samples = {name: Sample() for name in targets}
         cpu_s = dict.fromkeys(pids, 0.0)
         names = list(targets)
         for turn in range(rounds):
             for name in names if turn % 2 == 0 else reversed(names):
                 url, key = targets[name]
+                warm = await load(url, model=model, concurrency=clients, requests=max(clients, requests // 10),
+                                  stream=stream, api_key=key, max_tokens=max_tokens, client=opened[name])
+                spread_s = spread_s or summary(warm)["p50_ms"] / 1000
                 cpu_before = cpu_seconds(pids[name]) if name in pids else None
                 part = await load(url, model=model, concurrency=clients, requests=requests, stream=stream,
                                   api_key=key, max_tokens=max_tokens, spread_s=spread_s, client=opened[name])
