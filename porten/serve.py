@@ -338,7 +338,7 @@ def _lean_daphne() -> None:
             the connection table held every request of the last second (some 900 at 32 streams),
             and that growth set off the cycle collector: 13 passes in 4,000 streams, 9 of them
             pauses of 2-9 ms for every call in flight; none now. An application that failed stays
-            for the checker, which logs the error and answers 500."""
+            for the checker, which logs the error."""
             details = self.connections.get(protocol)
             if details is None or "disconnected" not in details:
                 return
