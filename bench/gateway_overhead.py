@@ -12,7 +12,7 @@ request: unlike latency on a shared machine, it does not move with how the kerne
 schedule the processes.
 
 In each row the targets take turns (--rounds, 2 by default: direct, pipe, Porten, LiteLLM, then the
-reverse), each over connections kept from turn to turn, and each target's figures pool its turns:
+reverse), each warming up before its turn, and each target's figures pool its turns:
 this machine's speed drifts by more than the 5 % the target is about, and a slow moment then falls
 on every target rather than on whichever was measured in it. --rounds 1 measures each target
 once, one after the other, as runs before 2026-11-30 did.
