@@ -77,7 +77,7 @@ async def measure_row(targets: dict[str, tuple[str, str | None]], *, model: str,
     then the reverse (direct, pipe, Porten, LiteLLM, then LiteLLM, Porten, pipe, direct...), each
     over its own connections and after a few calls of its own to warm up (not counted). This
     machine's speed drifts by more than the 5 % the target is about (straight to the stub engine,
-    one client's p50 read 33.3 ms on one day and 35.2 ms on the next); measured one after the
+    one client's p50 read from 33.3 to 35.2 ms over one afternoon); measured one after the
     other, each target had a moment of its own, and a slow one could land on any of them. The
     warm-up before each turn matters: a target's second turn comes after the others' (up to 15 s
     for LiteLLM's), and on this machine the first call after a quiet spell is slow for any process
