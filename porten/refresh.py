@@ -52,9 +52,9 @@ async def look_up_once(key: Hashable, lookup: Callable[..., Awaitable[T]], *args
     caller's, or refresh_soon's). After a quiet spell, every call of a burst found the key and the
     model past their time and queried the database for them itself, all in the one thread Django's
     async ORM uses, one after the other: 32 calls at once after 13 s idle took 130-180 ms on
-    average, and 86-95 ms with one lookup (most of the rest is the machine waking up: one call straight to the
-    stub engine after such a gap took 53-73 ms). The lookup runs in a task of its own: a caller
-    that goes away (its client left) does not cancel it for the others."""
+    average, and 86-95 ms with one lookup (most of the rest is the machine waking up: one call
+    straight to the stub engine after such a gap took 53-73 ms). The lookup runs in a task of its
+    own: a caller that goes away (its client left) does not cancel it for the others."""
     return await asyncio.shield(_task_for(key, lookup, *args))
 
 
