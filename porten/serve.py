@@ -170,13 +170,21 @@ def _lean_daphne() -> None:
             kwargs.setdefault("parsePOSTFormSubmission", False)
             super().__init__(*args, **kwargs)
 
+        def _may_send(self, *, started: bool) -> bool:
+            """Whether a SERVER_EXTENSION call may send: not once the connection is gone (daphne
+            drops messages then), and daphne's ValueError for one out of turn (`started`: whether
+            the response must have been started already)."""
+            if self.finished or self.channel is None or self._disconnected:
+                return False
+            if self._response_started != started:
+                raise ValueError("HTTP response has " + ("not yet" if started else "already") + " been started")
+            return True
+
         def write_part(self, body: bytes) -> None:
             """The SERVER_EXTENSION's write: daphne's handling of a body message with more to come,
             and the part sent at once (a stream's token must not wait for the end of the turn)."""
-            if self.finished or self.channel is None or self._disconnected:
-                return  # as daphne does once the connection is gone
-            if not self._response_started:
-                raise ValueError("HTTP response has not yet been started")
+            if not self._may_send(started=True):
+                return
             if not body:
                 return
             transport = self.channel.transport
@@ -190,10 +198,8 @@ def _lean_daphne() -> None:
         def end_part(self, body: bytes) -> None:
             """The SERVER_EXTENSION's end: the last part of a started response (b"" for none) and
             the response's end, sent together at once, as a last http.response.body message would be."""
-            if self.finished or self.channel is None or self._disconnected:
-                return  # as daphne does once the connection is gone
-            if not self._response_started:
-                raise ValueError("HTTP response has not yet been started")
+            if not self._may_send(started=True):
+                return
             if self.chunked and self.startedWriting:
                 self.sentLength += len(body)  # what Request.write does, and finish's last chunk, in one send
                 self.chunked = 0
@@ -214,10 +220,8 @@ def _lean_daphne() -> None:
             """The SERVER_EXTENSION's start: a response's status and headers, sent at once, its body
             to follow in chunks (write, end), as an http.response.start message and an empty
             http.response.body message with more_body would."""
-            if self.finished or self.channel is None or self._disconnected:
-                return  # as daphne does once the connection is gone
-            if self._response_started:
-                raise ValueError("HTTP response has already been started")
+            if not self._may_send(started=False):
+                return
             head = self._plain_head(status, headers, b"Transfer-Encoding: chunked\r\n\r\n") \
                 if self.clientproto == b"HTTP/1.1" else None
             if head is None:
@@ -230,10 +234,8 @@ def _lean_daphne() -> None:
         def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
             """The SERVER_EXTENSION's respond: a whole answer, as an http.response.start message and
             one last http.response.body message would be, framed by its length and sent at once."""
-            if self.finished or self.channel is None or self._disconnected:
-                return  # as daphne does once the connection is gone
-            if self._response_started:
-                raise ValueError("HTTP response has already been started")
+            if not self._may_send(started=False):
+                return
             head = self._plain_head(status, headers, b"Content-Length: %d\r\n\r\n" % len(body))
             if head is None:
                 self.handle_reply({"type": "http.response.start", "status": status, "headers": headers})
