@@ -22,15 +22,14 @@ _OFFERED_TTL_S = 2.0  # enabling or disabling a model reaches every hub process 
 _offered_cache: dict[str, tuple[float, CatalogModel | None]] = {}
 
 
-async def offered_model_aget(model_id: str, *, fresh: bool = False) -> CatalogModel | None:
+async def offered_model_aget(model_id: str) -> CatalogModel | None:
     """The offered model with this id, remembered briefly: the gateway asks for it on every request.
     An offered model just past its time is answered at once while one task looks again
     (porten.refresh); an id that was not offered is looked up again before it is answered."""
     if not isinstance(model_id, str) or not model_id or len(model_id) > 100:
         return None
     hit = _offered_cache.get(model_id)
-    if hit is not None and not fresh and usable(("offered", model_id), hit[1], time.monotonic() - hit[0],
-                                                _offered_lookup, model_id):
+    if hit is not None and usable(("offered", model_id), hit[1], time.monotonic() - hit[0], _offered_lookup, model_id):
         return hit[1]
     return await look_up_once(("offered", model_id), _offered_lookup, model_id)
 
