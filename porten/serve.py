@@ -398,11 +398,14 @@ def _lean_daphne() -> None:
         time: not ahead of a request that has already arrived. A line's time is when it is
         written, at most IDLE_WORK_MAX_WAIT_S late (the log shows whole seconds); what is pending
         when the server stops is written then. The lines are daphne's; its answered HTTP requests
-        are formatted here with the time read once per batch, and written in one call."""
+        are formatted here, the date once per second, and written in one call."""
 
         def __init__(self, stream) -> None:
             super().__init__(stream)
             self._pending: list[tuple] = []
+            # (a second since the epoch, that second as daphne's lines show it), formatted once: a
+            # date's formatting reads the time zone (a stat of /etc/localtime) each time
+            self._date: tuple[int | None, str] = (None, "")
             from twisted.internet import reactor
 
             reactor.addSystemEventTrigger("before", "shutdown", self.flush)
@@ -419,7 +422,10 @@ def _lean_daphne() -> None:
         def flush(self) -> None:
             pending, self._pending = self._pending, []
             try:
-                date = datetime.datetime.now().strftime("%d/%b/%Y:%H:%M:%S")
+                second = int(time.time())
+                if self._date[0] != second:
+                    self._date = (second, datetime.datetime.fromtimestamp(second).strftime("%d/%b/%Y:%H:%M:%S"))
+                date = self._date[1]
                 lines = []
                 for protocol, action, details in pending:
                     if protocol == "http" and action == "complete":  # daphne's write_entry, for it

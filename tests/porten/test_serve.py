@@ -355,6 +355,19 @@ CHECK = textwrap.dedent("""
     idle_loop.run_until_complete(logged())
     undated = [re.sub(r"\\[[^]]*\\]", "[]", log.getvalue()) for log in (ours, daphnes)]
     assert undated[0] == undated[1] and undated[0].count("\\n") == 4, undated
+    import datetime
+
+    dates = [[datetime.datetime.strptime(date, "%d/%b/%Y:%H:%M:%S") for date in re.findall(r"\\[([^]]*)\\]", log.getvalue())]
+             for log in (ours, daphnes)]
+    assert len(dates[0]) == 4 and all(abs((a - b).total_seconds()) <= 1 for a, b in zip(*dates)), dates
+    access_log._date = (0, "01/Jan/1970:00:00:00")  # a date formatted for another second is not reused
+
+    async def one_more():
+        access_log("http", "complete", entry)
+        await asyncio.sleep(0.01)
+
+    idle_loop.run_until_complete(one_more())
+    assert ours.getvalue().count("\\n") == 5 and "1970" not in ours.getvalue(), ours.getvalue()
     print("lean")
 """)
 
