@@ -109,11 +109,13 @@ class Stack:
 
         call_command("migrate", verbosity=0)
 
-    def start_hub(self) -> str:
+    def start_hub(self, launcher: list[str] | None = None) -> str:
+        """A daphne hub, started as `launcher` (a command that takes porten.serve's arguments) if given."""
         port = free_port()
         log = open(self.workdir / "daphne.log", "ab")
-        self.hub = subprocess.Popen([sys.executable, "-m", "porten.serve", "-b", "127.0.0.1", "-p", str(port),
-                                     "porten.asgi:application"], cwd=REPO, env=self.env, stdout=log, stderr=log)
+        launcher = launcher or [sys.executable, "-m", "porten.serve"]
+        self.hub = subprocess.Popen([*launcher, "-b", "127.0.0.1", "-p", str(port), "porten.asgi:application"],
+                                    cwd=REPO, env=self.env, stdout=log, stderr=log)
         self.procs.append(self.hub)
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/healthz")

@@ -1,0 +1,142 @@
+"""Where the hub's CPU goes per request: the hub on a core of its own, 32 clients, the stub engine.
+
+    python bench/hub_profile.py                 # streamed, 16 tokens per answer
+    python bench/hub_profile.py --tokens 4      # with the default run: CPU per token and per request
+    python bench/hub_profile.py --plain         # answers sent whole
+
+Two passes over one hub. The first measures the hub's CPU time per request (user and system,
+from /proc) as it runs. The second sends the same load with Python's cProfile switched on in the
+hub for that pass only (by signal) and prints, per request, the calls and the
+own time of the packages and functions that take the most. The profiler slows the hub about
+twofold and weighs call-heavy code more, so read its times as shares and its call counts as they
+are. A profile this flat (nothing over a few per cent) says that no single change will cut much.
+
+The stub spaces the tokens so that every answer takes 32 ms, whatever the number of tokens: the
+request rate stays the same, and runs with `--tokens 4` and `--tokens 16` split the CPU per
+request into a fixed part and a part per token, (cpu16 - cpu4) / 12 per token.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import pstats
+import signal
+import sys
+import time
+from pathlib import Path
+
+from harness import REPO, Stack, apply_layout, cpu_seconds, free_port, layouts, load, load_client, summary
+
+CLIENTS = 32
+ANSWER_MS = 32  # the stub's answer time, as in bench/gateway_overhead.py: 16 tokens 2 ms apart
+PACKAGES = ("twisted", "daphne", "django", "httpx", "asgiref", "asyncio", "porten/", "fleet/", "catalog/", "json")
+
+
+def serve_profiled(stats_path: str, argv: list[str]) -> None:
+    """The hub (porten.serve), with cProfile on its event-loop thread switched on by SIGUSR1 and
+    written to `stats_path` by SIGUSR2."""
+    import cProfile
+
+    profile = cProfile.Profile()
+
+    def write(*_) -> None:
+        profile.disable()
+        profile.dump_stats(stats_path)
+
+    signal.signal(signal.SIGUSR1, lambda *_: profile.enable())
+    signal.signal(signal.SIGUSR2, write)
+    from porten.serve import main
+
+    main(argv)
+
+
+def package(where: tuple[str, int, str]) -> str:
+    filename, _, name = where
+    if filename == "~":
+        return "built-in: " + name.strip("<>").replace("built-in method ", "").split(" of ")[0]
+    return next((p.rstrip("/") for p in PACKAGES if p in filename), Path(filename).name)
+
+
+def report(stats_path: Path, requests: int, top: int) -> None:
+    # epoll's poll is the loop waiting for work (its time is the wait), not work
+    stats = {where: row for where, row in pstats.Stats(str(stats_path)).stats.items()
+             if not (where[0] == "~" and "of 'select.epoll'" in where[2])}
+    own_s = sum(row[2] for row in stats.values())
+    calls = sum(row[1] for row in stats.values())
+    print(f"\nProfiled ({requests} requests): {calls / requests:.0f} calls and {own_s / requests * 1e6:.0f} µs "
+          "of profiled time per request (waits in epoll left out)")
+    by_package, package_calls = collections.Counter(), collections.Counter()
+    for where, row in stats.items():
+        by_package[package(where)] += row[2]
+        package_calls[package(where)] += row[1]
+    print(f"\n{'share':>6} {'calls/req':>10}  package")
+    for name, spent in by_package.most_common(12):
+        print(f"{spent / own_s:>6.1%} {package_calls[name] / requests:>10.1f}  {name}")
+    print(f"\n{'share':>6} {'calls/req':>10}  function (own time)")
+    for where, row in sorted(stats.items(), key=lambda item: -item[1][2])[:top]:
+        filename = where[0].split("site-packages/")[-1].replace(str(REPO) + "/", "")
+        print(f"{row[2] / own_s:>6.1%} {row[1] / requests:>10.2f}  {where[2]} ({filename}:{where[1]})")
+
+
+async def passes(hub: str, key: str, pid: int, *, stream: bool, tokens: int, requests: int, profiled: int,
+                 stats_path: Path) -> None:
+    client = load_client(CLIENTS)
+    try:
+        warm = await load(hub, model="stub-model", concurrency=CLIENTS, requests=400, stream=stream, api_key=key,
+                          max_tokens=tokens, client=client)
+        spread_s = summary(warm)["p50_ms"] / 1000
+        before, started = cpu_seconds(pid), time.perf_counter()
+        sample = await load(hub, model="stub-model", concurrency=CLIENTS, requests=requests, stream=stream,
+                            api_key=key, max_tokens=tokens, spread_s=spread_s, client=client)
+        spent, elapsed = cpu_seconds(pid) - before, time.perf_counter() - started
+        result = summary(sample)
+        print(f"{'stream' if stream else 'plain'}, {tokens} tokens, {CLIENTS} clients, {requests} requests: "
+              f"hub CPU {spent / requests * 1000:.3f} ms per request, {spent / elapsed:.2f} of its core busy, "
+              f"{requests / elapsed:.0f} requests/s, p50 {result['p50_ms']:.2f} ms, errors {result['errors']}")
+
+        os.kill(pid, signal.SIGUSR1)
+        await load(hub, model="stub-model", concurrency=CLIENTS, requests=profiled, stream=stream, api_key=key,
+                   max_tokens=tokens, spread_s=spread_s, client=client)
+        os.kill(pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 30
+        while not stats_path.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1)  # (the hub may still be writing it)
+    finally:
+        await client.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16, help="tokens per answer, spread over 32 ms")
+    parser.add_argument("--plain", action="store_true", help="answers sent whole (stream false)")
+    parser.add_argument("--requests", type=int, default=6000, help="requests in the measured pass")
+    parser.add_argument("--profiled", type=int, default=2000, help="requests in the profiled pass")
+    parser.add_argument("--top", type=int, default=30, help="functions to list")
+    args = parser.parse_args()
+
+    stack = Stack()
+    try:
+        stub_port = free_port()
+        stack.start([sys.executable, str(REPO / "bench/stub_engine.py"), "--port", str(stub_port),
+                     "--tokens", str(args.tokens), "--token-delay-ms", str(ANSWER_MS / args.tokens)], f"http://127.0.0.1:{stub_port}/health")
+        stack.serving("stub-model", stub_port)
+        stats_path = stack.workdir / "hub.pstats"
+        hub = stack.start_hub(launcher=[sys.executable, str(Path(__file__).resolve()), "--hub", str(stats_path)])
+        key = stack.api_key()
+        apply_layout(layouts([stack.hub.pid])[-1][1])  # the hub on a core of its own, where there are two
+        asyncio.run(passes(hub, key, stack.hub.pid, stream=not args.plain, tokens=args.tokens,
+                           requests=args.requests, profiled=args.profiled, stats_path=stats_path))
+        report(stats_path, args.profiled, args.top)
+    finally:
+        stack.close()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--hub"]:
+        serve_profiled(sys.argv[2], sys.argv[3:])
+    else:
+        os.chdir(REPO)
+        main()
