@@ -43,7 +43,8 @@ def serve_profiled(stats_path: str, argv: list[str]) -> None:
 
     def write(*_) -> None:
         profile.disable()
-        profile.dump_stats(stats_path)
+        profile.dump_stats(stats_path + ".part")
+        os.replace(stats_path + ".part", stats_path)  # whole when it appears
 
     signal.signal(signal.SIGUSR1, lambda *_: profile.enable())
     signal.signal(signal.SIGUSR2, write)
@@ -103,7 +104,6 @@ async def passes(hub: str, key: str, pid: int, *, stream: bool, tokens: int, req
         deadline = time.monotonic() + 30
         while not stats_path.exists() and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-        await asyncio.sleep(1)  # (the hub may still be writing it)
     finally:
         await client.aclose()
 
@@ -121,7 +121,8 @@ def main() -> None:
     try:
         stub_port = free_port()
         stack.start([sys.executable, str(REPO / "bench/stub_engine.py"), "--port", str(stub_port),
-                     "--tokens", str(args.tokens), "--token-delay-ms", str(ANSWER_MS / args.tokens)], f"http://127.0.0.1:{stub_port}/health")
+                     "--tokens", str(args.tokens), "--token-delay-ms", str(ANSWER_MS / args.tokens)],
+                    f"http://127.0.0.1:{stub_port}/health")
         stack.serving("stub-model", stub_port)
         stats_path = stack.workdir / "hub.pstats"
         hub = stack.start_hub(launcher=[sys.executable, str(Path(__file__).resolve()), "--hub", str(stats_path)])
