@@ -13,6 +13,11 @@ _lock = threading.Lock()
 _sync_client: redis.Redis | None = None
 _async_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis]" = weakref.WeakKeyDictionary()
 
+# Connections per event loop (redis-py's default size), and how long a call waits for one of them
+# when all are busy: a burst of a thousand cold requests waits its turn instead of failing.
+ASYNC_POOL_SIZE = 100
+ASYNC_POOL_WAIT_S = 10.0
+
 
 def redis_client() -> redis.Redis:
     global _sync_client
@@ -23,11 +28,15 @@ def redis_client() -> redis.Redis:
 
 
 def aredis_client() -> aioredis.Redis:
-    # An asyncio connection pool is bound to the loop that created it.
+    # An asyncio connection pool is bound to the loop that created it. Redis-py's own pool raises
+    # MaxConnectionsError at once on the 101st concurrent call; this one waits for a connection.
     loop = asyncio.get_running_loop()
     client = _async_clients.get(loop)
     if client is None:
-        client = aioredis.Redis.from_url(settings.REDIS_URL, decode_responses=True, health_check_interval=30)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.REDIS_URL, max_connections=ASYNC_POOL_SIZE, timeout=ASYNC_POOL_WAIT_S, decode_responses=True,
+            health_check_interval=30)
+        client = aioredis.Redis.from_pool(pool)
         _async_clients[loop] = client
     return client
 
