@@ -1,8 +1,13 @@
 """Demand per model: served and unmet requests over a sliding window, in Redis so every hub
-process sees the same numbers. Recording is one pipelined round trip on the hot path."""
+process sees the same numbers. Served requests are tallied and written in batches (fleet.inflight);
+an unmet request's count is in Redis before its request asks the planner, and the unmet requests
+that arrive together share a pipelined round trip."""
 from __future__ import annotations
 
+import asyncio
 import time
+import weakref
+from collections import Counter
 
 from django.conf import settings
 
@@ -36,10 +41,57 @@ def demand_commands(pipe, model_id: str, *, served: bool, now: float | None = No
     pipe.set(last_request_key(model_id), now)
 
 
-async def demand_record(model_id: str, *, served: bool, now: float | None = None) -> None:
-    pipe = aredis_client().pipeline(transaction=False)
-    demand_commands(pipe, model_id, served=served, now=now)
-    await pipe.execute()
+class DemandBatches:
+    """One event loop's requests on their way to Redis. A call joins the batch being gathered and
+    returns once that batch is written: while one batch is being written the next gathers, so a
+    burst of a thousand cold requests costs a few round trips and connections, not one each (one
+    each ran the connection pool dry, and the counts past its 100 connections were lost). A call
+    that is cancelled still counts: its request happened."""
+
+    def __init__(self) -> None:
+        self.pending: Counter[tuple[str, bool]] = Counter()
+        self.pending_written: asyncio.Future | None = None
+        self.writer: asyncio.Task | None = None
+
+    async def record(self, model_id: str, served: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self.pending[(model_id, served)] += 1
+        if self.pending_written is None:
+            self.pending_written = loop.create_future()
+        written = self.pending_written
+        if self.writer is None or self.writer.done():
+            self.writer = loop.create_task(self._write_all(), name="porten-demand")
+        await asyncio.shield(written)
+
+    async def _write_all(self) -> None:
+        while self.pending:
+            counts, self.pending = self.pending, Counter()
+            written, self.pending_written = self.pending_written, None
+            try:
+                pipe = aredis_client().pipeline(transaction=False)
+                now = time.time()
+                for (model_id, served), count in counts.items():
+                    demand_commands(pipe, model_id, served=served, now=now, count=count)
+                await pipe.execute()
+            except BaseException as exc:
+                # The callers hear of it (and log it); a cancelled writer must not leave them waiting.
+                written.set_exception(exc if isinstance(exc, Exception) else RuntimeError("demand writer stopped"))
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                written.set_result(None)
+
+
+_batches: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DemandBatches]" = weakref.WeakKeyDictionary()
+
+
+async def demand_record(model_id: str, *, served: bool) -> None:
+    """Count one request; returns once the count is in Redis (raises if it could not be written)."""
+    loop = asyncio.get_running_loop()
+    batches = _batches.get(loop)
+    if batches is None:
+        batches = _batches[loop] = DemandBatches()
+    await batches.record(model_id, served)
 
 
 def _bucket_counts(model_ids: list[str], window_s: float, now: float) -> tuple[list[int], dict[str, list[int]]]:
