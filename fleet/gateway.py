@@ -130,6 +130,24 @@ async def _active(model: CatalogModel, max_age_s: float = 0.2) -> Instance | Non
         return instance
 
 
+_ensuring: dict[str, asyncio.Future] = {}
+
+
+async def _ensure(model: CatalogModel) -> Instance:
+    """instance_ensure (one load across every hub process), asked once at a time per model in this
+    process: the waiters that find no instance together share one call. A burst of a thousand cold
+    requests made hundreds of calls, each a thread and database queries fighting the event loop for
+    the GIL, until the first one's answer got through."""
+    loop = asyncio.get_running_loop()
+    pending = _ensuring.get(model.model_id)
+    if pending is None or pending.done() or pending.get_loop() is not loop:
+        pending = _ensuring[model.model_id] = loop.create_task(
+            sync_to_async(instance_ensure, thread_sensitive=False)(model=model))
+    active = await asyncio.shield(pending)
+    _active_cache[model.model_id] = (time.monotonic(), active)
+    return active
+
+
 def retry_after_s(instance: Instance | None, state: dict | None, past_load_s: float | None) -> int:
     """Seconds until the model should be ready: bytes left at the measured rate, plus its past load time."""
     load_s = past_load_s or DEFAULT_LOAD_S
@@ -226,8 +244,7 @@ async def _warm_step(model: CatalogModel, watched: Instance | None) -> Route | I
             ))
     if active is None or not node_online(active.node):
         try:
-            active = await sync_to_async(instance_ensure, thread_sensitive=False)(model=model)
-            _active_cache[model.model_id] = (time.monotonic(), active)
+            active = await _ensure(model)
         except PlacementError as exc:
             if exc.code == "no_capacity":
                 raise WarmupFailed(error_response(503, exc.reason, type="server_error", code=exc.code))
@@ -345,8 +362,7 @@ async def model_prewarm(model: CatalogModel) -> None:
     if await _active(model, max_age_s=0) is not None:
         return
     await record_demand(model.model_id, served=False)
-    active = await sync_to_async(instance_ensure, thread_sensitive=False)(model=model)
-    _active_cache[model.model_id] = (time.monotonic(), active)
+    await _ensure(model)
 
 
 async def record_demand(model_id: str, *, served: bool) -> None:

@@ -1,6 +1,7 @@
 """Placement from fleet rows: single flight, offline nodes, free memory from heartbeats."""
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -142,3 +143,27 @@ def test_an_eviction_older_than_the_horizon_is_forgotten(catalog_model):
     assert instances_restore_evicted() == []
     assert not redis_client().hexists(EVICTED_KEY, "long-gone")
     assert not Instance.objects.filter(model__model_id="long-gone").exists()
+
+
+async def test_cold_requests_in_one_process_share_one_placement_call(catalog_model, monkeypatch):
+    from asgiref.sync import sync_to_async
+
+    from fleet import gateway
+
+    model = await sync_to_async(catalog_model)(model_id="shared-placement", vram_mb=1000)
+    await sync_to_async(node)("shared-node")
+    calls = []
+    real = gateway.instance_ensure
+
+    def counted(**kwargs):
+        calls.append(kwargs["model"].model_id)
+        return real(**kwargs)
+
+    monkeypatch.setattr(gateway, "instance_ensure", counted)
+    # A burst made one call each, every one a thread and database queries, until the first answer got through.
+    placed = await asyncio.gather(*[gateway._ensure(model) for _ in range(100)])
+    assert len({instance.pk for instance in placed}) == 1
+    assert calls == ["shared-placement"]
+    # Shared while in flight only: the next waiter to find no instance asks again.
+    assert (await gateway._ensure(model)).pk == placed[0].pk
+    assert len(calls) == 2
