@@ -21,7 +21,7 @@ from django.utils import timezone
 from catalog.models import CatalogModel
 from porten.errors import error_response
 from porten.gateway_handler import PassThroughStream
-from porten.refresh import usable
+from porten.refresh import look_up_once, usable
 
 from .demand import demand_record
 from .events import model_events
@@ -130,22 +130,25 @@ async def _active(model: CatalogModel, max_age_s: float = 0.2) -> Instance | Non
         return instance
 
 
-_ensuring: dict[str, asyncio.Future] = {}
+def _placed_or_refused(model: CatalogModel) -> Instance | PlacementError:
+    # A refusal is an answer, not a failure: returned, so the shared lookup does not log it.
+    try:
+        return instance_ensure(model=model)
+    except PlacementError as exc:
+        return exc
 
 
 async def _ensure(model: CatalogModel) -> Instance:
     """instance_ensure (one load across every hub process), asked once at a time per model in this
-    process: the waiters that find no instance together share one call. A burst of a thousand cold
-    requests made hundreds of calls, each a thread and database queries fighting the event loop for
-    the GIL, until the first one's answer got through."""
-    loop = asyncio.get_running_loop()
-    pending = _ensuring.get(model.model_id)
-    if pending is None or pending.done() or pending.get_loop() is not loop:
-        pending = _ensuring[model.model_id] = loop.create_task(
-            sync_to_async(instance_ensure, thread_sensitive=False)(model=model))
-    active = await asyncio.shield(pending)
-    _active_cache[model.model_id] = (time.monotonic(), active)
-    return active
+    process (look_up_once): the waiters that find no instance together share one call. A burst of
+    1,000 cold requests made 294 calls, each a thread and database queries fighting the event loop
+    for the GIL, until the first one's answer got through."""
+    outcome = await look_up_once(("ensure", model.model_id),
+                                 sync_to_async(_placed_or_refused, thread_sensitive=False), model)
+    if isinstance(outcome, PlacementError):
+        raise PlacementError(outcome.code, outcome.reason)  # each waiter its own: one raised by all grows its traceback
+    _active_cache[model.model_id] = (time.monotonic(), outcome)
+    return outcome
 
 
 def retry_after_s(instance: Instance | None, state: dict | None, past_load_s: float | None) -> int:
