@@ -104,6 +104,7 @@ async def measure_row(targets: dict[str, tuple[str, str | None]], *, model: str,
                 samples[name].latencies_s += part.latencies_s
                 samples[name].ttft_s += part.ttft_s
                 samples[name].errors += part.errors
+                samples[name].failures += part.failures
     finally:
         for client in opened.values():
             await client.aclose()
@@ -136,6 +137,9 @@ def run_table(title: str, targets: dict[str, tuple[str, str | None]], model: str
             cpu = f"{r['cpu_ms']:.2f}" if "cpu_ms" in r else "-"
             print(f"{'stream' if stream else 'plain':<10}{clients:>8} {name:<8}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
                   f"{ttft:>10}{r['errors']:>7}{added if name != 'direct' else 0:>+11.2f}{ratio:>7.3f}{cpu:>9}")
+        for name, r in results.items():
+            if r["failures"]:
+                print(f"  ({name}'s errors: {', '.join(f'{why} x{n}' for why, n in r['failures'].items())})")
         porten, peer = results["porten"], results.get("litellm")
         added = porten["p50_ms"] - base["p50_ms"]
         if porten["errors"] or added >= TARGET_ADDED_MS or porten["p50_ms"] / base["p50_ms"] > TARGET_RATIO \

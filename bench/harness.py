@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import random
@@ -188,6 +189,11 @@ class Sample:
     latencies_s: list[float] = field(default_factory=list)
     ttft_s: list[float] = field(default_factory=list)
     errors: int = 0
+    failures: collections.Counter = field(default_factory=collections.Counter)  # what each error was
+
+    def failed(self, why: str) -> None:
+        self.errors += 1
+        self.failures[why] += 1
 
 
 def pct(values: list[float], q: float) -> float:
@@ -375,12 +381,12 @@ async def load(url: str, *, model: str, concurrency: int, requests: int, stream:
             started = time.perf_counter()
             try:
                 status, first = await client.exchange(host, port, payload, timeout_s)
-            except (OSError, TimeoutError, ValueError, httpx.HTTPError):
-                sample.errors += 1
+            except (OSError, TimeoutError, ValueError, httpx.HTTPError) as exc:
+                sample.failed(type(exc).__name__)
                 continue
             ended = time.perf_counter()
             if status != 200:
-                sample.errors += 1
+                sample.failed(f"HTTP {status}")
                 continue
             if stream:
                 sample.ttft_s.append((first or ended) - started)
@@ -392,7 +398,7 @@ async def load(url: str, *, model: str, concurrency: int, requests: int, stream:
 
 def summary(sample: Sample) -> dict:
     return {
-        "n": len(sample.latencies_s), "errors": sample.errors,
+        "n": len(sample.latencies_s), "errors": sample.errors, "failures": dict(sample.failures),
         "p50_ms": pct(sample.latencies_s, 50) * 1000, "p99_ms": pct(sample.latencies_s, 99) * 1000,
         "ttft_p50_ms": pct(sample.ttft_s, 50) * 1000 if sample.ttft_s else None,
         "mean_ms": statistics.fmean(sample.latencies_s) * 1000 if sample.latencies_s else float("nan"),
