@@ -33,7 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import (REPO, Sample, Stack, apply_layout, cpu_seconds, free_port, layouts, load, load_client,
+from harness import (REPO, LoadClient, Sample, Stack, apply_layout, cpu_seconds, free_port, layouts, load,
                      summary)
 
 DEFAULT_LITELLM = Path.home() / ".cache/porten-bench/litellm-venv/bin/litellm"
@@ -84,7 +84,7 @@ async def measure_row(targets: dict[str, tuple[str, str | None]], *, model: str,
     (straight to the stub engine, one call after 2-13 s idle took 53-73 ms instead of 38), while
     Porten's per-process caches (the key, the model, the route) have run out by then. Without it,
     Porten's p99 at 32 clients read 52-79 ms."""
-    opened = {name: load_client(clients) for name in targets}
+    opened = {name: LoadClient() for name in targets}
     try:
         spread_s = 0.0  # the clients' starts spread over one answer straight from the engine (harness.load)
         samples = {name: Sample() for name in targets}

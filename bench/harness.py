@@ -322,12 +322,6 @@ class LoadClient:
         self.idle.clear()
 
 
-def load_client(concurrency: int | None = None) -> LoadClient:
-    """The load generator's client (see load), to keep its connections from one load call to the next
-    on the same event loop. (`concurrency`: unused, kept for callers.)"""
-    return LoadClient()
-
-
 def _request(url: str, path: str, body: dict, api_key: str | None) -> tuple[str, int, bytes]:
     """(host, port, the request's bytes) for a POST of `body` as JSON to `url` + `path`."""
     target = httpx.URL(url)
@@ -341,7 +335,7 @@ async def load(url: str, *, model: str, concurrency: int, requests: int, stream:
                max_tokens: int = 16, path: str = "/v1/chat/completions", spread_s: float = 0.0,
                client: LoadClient | None = None, timeout_s: float = 120) -> Sample:
     """`concurrency` clients, each sending requests back to back until `requests` are done, over
-    `client` (from load_client) when given, else over connections of their own.
+    `client` (a LoadClient) when given, else over connections of their own.
 
     Each client starts at a random moment within `spread_s` (pass about one answer's time), as
     independent clients do. Started in the same instant, 32 clients stay in step: every answer
@@ -361,7 +355,7 @@ async def load(url: str, *, model: str, concurrency: int, requests: int, stream:
     at 32 clients; as it is, 0.33 and 0.065 ms (a stream's cost is mostly the event loop's, once
     per token)."""
     if client is None:
-        own = load_client()
+        own = LoadClient()
         try:
             return await load(url, model=model, concurrency=concurrency, requests=requests, stream=stream,
                               api_key=api_key, max_tokens=max_tokens, path=path, spread_s=spread_s, client=own,

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import REPO, Stack, apply_layout, cpu_seconds, free_port, layouts, load, load_client, summary
+from harness import REPO, LoadClient, Stack, apply_layout, cpu_seconds, free_port, layouts, load, summary
 
 CLIENTS = 32
 ANSWER_MS = 32  # the stub's answer time, as in bench/gateway_overhead.py: 16 tokens 2 ms apart
@@ -83,7 +83,7 @@ def report(stats_path: Path, requests: int, top: int) -> None:
 
 async def passes(hub: str, key: str, pid: int, *, stream: bool, tokens: int, requests: int, profiled: int,
                  stats_path: Path) -> None:
-    client = load_client(CLIENTS)
+    client = LoadClient()
     try:
         warm = await load(hub, model="stub-model", concurrency=CLIENTS, requests=400, stream=stream, api_key=key,
                           max_tokens=tokens, client=client)
