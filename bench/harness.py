@@ -1,4 +1,5 @@
-"""Shared set-up for benchmarks: a private Redis, database and daphne hub, and load generators."""
+"""Shared set-up for benchmarks: a private Redis, database and hub (under a chosen ASGI server), and
+load generators."""
 from __future__ import annotations
 
 import asyncio
@@ -20,7 +21,30 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fleet.upstream import _parse_head  # noqa: E402  (the hub's own reading of an HTTP/1.1 answer's head)
+
+def parse_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """An HTTP/1.1 answer's status and headers."""
+    lines = head.rstrip(b"\r\n").split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    headers = []
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.append((name.strip(), value.strip()))
+    return status, headers
+
+
+# The ASGI servers a hub can run under: a command line for (host, port, processes).
+SERVERS = {
+    "uvicorn": lambda host, port, processes: [
+        sys.executable, "-m", "uvicorn", "porten.asgi:application", "--host", host, "--port", str(port),
+        "--workers", str(processes), "--loop", "uvloop", "--http", "httptools", "--lifespan", "on"],
+    "granian": lambda host, port, processes: [
+        sys.executable, "-m", "granian", "--interface", "asgi", "--host", host, "--port", str(port),
+        "--workers", str(processes), "--loop", "uvloop", "--no-ws", "porten.asgi:application"],
+    # daphne has no processes of its own (it documents running several behind a process manager).
+    "daphne": lambda host, port, processes: [
+        sys.executable, "-m", "daphne", "-b", host, "-p", str(port), "porten.asgi:application"],
+}
 
 
 def free_port() -> int:
@@ -93,7 +117,7 @@ def apply_layout(layout: dict[int, set[int]]) -> None:
 
 
 class Stack:
-    """Redis + a migrated SQLite database + (on demand) a daphne hub, all private to one bench run."""
+    """Redis + a migrated SQLite database + (on demand) a hub, all private to one bench run."""
 
     def __init__(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="porten-bench-"))
@@ -113,13 +137,14 @@ class Stack:
 
         call_command("migrate", verbosity=0)
 
-    def start_hub(self, launcher: list[str] | None = None) -> str:
-        """A daphne hub, started as `launcher` (a command that takes porten.serve's arguments) if given."""
+    def start_hub(self, server: str = "uvicorn", processes: int = 1, command: list[str] | None = None) -> str:
+        """A hub under `server` (a key of SERVERS) with `processes` processes, or started as `command`
+        (which gets --host and --port appended)."""
         port = free_port()
-        log = open(self.workdir / "daphne.log", "ab")
-        launcher = launcher or [sys.executable, "-m", "porten.serve"]
-        self.hub = subprocess.Popen([*launcher, "-b", "127.0.0.1", "-p", str(port), "porten.asgi:application"],
-                                    cwd=REPO, env=self.env, stdout=log, stderr=log)
+        log = open(self.workdir / "hub.log", "ab")
+        argv = [*command, "--host", "127.0.0.1", "--port", str(port)] if command else \
+            SERVERS[server]("127.0.0.1", port, processes)
+        self.hub = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=log)
         self.procs.append(self.hub)
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/healthz")
@@ -261,7 +286,7 @@ class _Exchange(asyncio.Protocol):
             end = self.head.find(b"\r\n\r\n")
             if end < 0:
                 return
-            self.status, headers = _parse_head(self.head[:end + 4])
+            self.status, headers = parse_head(self.head[:end + 4])
             headers = {name.lower(): value.lower() for name, value in headers}
             if headers.get(b"transfer-encoding") == b"chunked":
                 self.chunks = _ChunkedEnd()

@@ -31,13 +31,16 @@ from harness import REPO, LoadClient, Stack, apply_layout, cpu_seconds, free_por
 
 CLIENTS = 32
 ANSWER_MS = 32  # the stub's answer time, as in bench/gateway_overhead.py: 16 tokens 2 ms apart
-PACKAGES = ("twisted", "daphne", "django", "httpx", "asgiref", "asyncio", "porten/", "fleet/", "catalog/", "json")
+PACKAGES = ("uvicorn", "uvloop", "httptools", "aiohttp", "django", "asgiref", "asyncio", "porten/", "fleet/", "catalog/",
+            "json")
 
 
 def serve_profiled(stats_path: str, argv: list[str]) -> None:
-    """The hub (porten.serve), with cProfile on its event-loop thread switched on by SIGUSR1 and
-    written to `stats_path` by SIGUSR2."""
+    """The hub (uvicorn, one process, as the harness starts it), with cProfile on its event-loop
+    thread switched on by SIGUSR1 and written to `stats_path` by SIGUSR2. `argv`: --host H --port P."""
     import cProfile
+
+    import uvicorn
 
     profile = cProfile.Profile()
 
@@ -48,9 +51,9 @@ def serve_profiled(stats_path: str, argv: list[str]) -> None:
 
     signal.signal(signal.SIGUSR1, lambda *_: profile.enable())
     signal.signal(signal.SIGUSR2, write)
-    from porten.serve import main
-
-    main(argv)
+    options = dict(zip(argv[::2], argv[1::2]))
+    uvicorn.run("porten.asgi:application", host=options["--host"], port=int(options["--port"]), loop="uvloop",
+                http="httptools", lifespan="on")
 
 
 def package(where: tuple[str, int, str]) -> str:
@@ -125,7 +128,7 @@ def main() -> None:
                     f"http://127.0.0.1:{stub_port}/health")
         stack.serving("stub-model", stub_port)
         stats_path = stack.workdir / "hub.pstats"
-        hub = stack.start_hub(launcher=[sys.executable, str(Path(__file__).resolve()), "--hub", str(stats_path)])
+        hub = stack.start_hub(command=[sys.executable, str(Path(__file__).resolve()), "--hub", str(stats_path)])
         key = stack.api_key()
         apply_layout(layouts([stack.hub.pid])[-1][1])  # the hub on a core of its own, where there are two
         asyncio.run(passes(hub, key, stack.hub.pid, stream=not args.plain, tokens=args.tokens,

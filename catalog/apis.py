@@ -7,7 +7,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from fleet.selectors import ready_model_ids
-from porten.auth import ApiKeyAuthentication
+from porten.drf import ApiKeyAuthentication
 
 from .selectors import offered_model, offered_models
 from .serializers import ModelObjectSerializer

@@ -5,7 +5,7 @@ from django.utils.html import format_html
 from catalog.admin import readable_mb
 
 from .models import Instance, Node
-from .services import instance_enqueue_unload
+from .dispatch import instance_enqueue_unload
 
 
 @admin.register(Node)

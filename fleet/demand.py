@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections import Counter
 
 from django.conf import settings
 
+from porten.loops import per_loop
 from porten.redis import aredis_client, redis_client
 
 from .planner import recency_weight
@@ -82,16 +82,9 @@ class DemandBatches:
                 written.set_result(None)
 
 
-_batches: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DemandBatches]" = weakref.WeakKeyDictionary()
-
-
 async def demand_record(model_id: str, *, served: bool) -> None:
     """Count one request; returns once the count is in Redis (raises if it could not be written)."""
-    loop = asyncio.get_running_loop()
-    batches = _batches.get(loop)
-    if batches is None:
-        batches = _batches[loop] = DemandBatches()
-    await batches.record(model_id, served)
+    await per_loop(DemandBatches).record(model_id, served)
 
 
 def _bucket_counts(model_ids: list[str], window_s: float, now: float) -> tuple[list[int], dict[str, list[int]]]:

@@ -16,8 +16,10 @@ from porten.redis import redis_client
 
 from . import planner
 from .demand import demand_recent, last_requests
+from .dispatch import instance_enqueue_load, instance_enqueue_unload
+from .live import instance_publish
 from .models import ACTIVE_PHASES, RESIDENT_PHASES, Instance, Node, Phase
-from .services import instance_enqueue_load, instance_enqueue_unload, instance_publish
+from .services import instance_fail_lost
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +113,6 @@ def active_instance(model: CatalogModel) -> Instance | None:
     instance = Instance.objects.filter(model=model, phase__in=ACTIVE_PHASES).select_related("node", "model").first()
     if instance is None or node_online(instance.node):
         return instance
-    from .services import instance_fail_lost
-
     instance_fail_lost(instance=instance, reason=f"node {instance.node.name} stopped sending heartbeats")
     return None
 

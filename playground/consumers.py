@@ -16,18 +16,6 @@ CLOSE_UNKNOWN_MODEL = 4404
 # The node publishes about four states a second; a browser needs no more than five.
 MIN_INTERVAL_S = 0.2
 
-# Phases a person sees (the public warming endpoint's six). A draining instance still answers,
-# and an unloaded one leaves the model cold.
-PUBLIC_PHASE = {"draining": "ready", "unloading": "idle", "stopped": "idle"}
-
-
-def public_state(state: dict) -> dict:
-    phase = PUBLIC_PHASE.get(state.get("phase"), state.get("phase"))
-    if phase == state.get("phase"):
-        return state
-    return {**state, "phase": phase, "ready": phase == "ready"}
-
-
 class WarmingConsumer(AsyncJsonWebsocketConsumer):
     """`/ws/warming/<model id>/`. Pushes are best effort: the page also polls the public warming
     endpoint when the socket is quiet or gone, so nothing here needs to be reliable, only fresh."""
@@ -52,7 +40,7 @@ class WarmingConsumer(AsyncJsonWebsocketConsumer):
         # Join before reading the snapshot, so no change falls between the two.
         self.group = warming_group(self.model.model_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
-        await self._send_now(await model_warming_state(self.model))
+        await self._send_now((await model_warming_state(self.model)).as_dict())
 
     async def disconnect(self, code: int) -> None:
         if self.flush_task is not None:
@@ -71,10 +59,10 @@ class WarmingConsumer(AsyncJsonWebsocketConsumer):
     async def receive_json(self, content, **kwargs) -> None:
         # The page asks again when it suspects it missed something (a tab woken from sleep).
         if isinstance(content, dict) and content.get("type") == "refresh" and self.group is not None:
-            await self._send_now(await model_warming_state(self.model))
+            await self._send_now((await model_warming_state(self.model)).as_dict())
 
     async def warming_update(self, event: dict) -> None:
-        state = public_state(event["state"])
+        state = event["state"]  # already under its public phase name (fleet.live.publish_state)
         if state.get("phase") != self.last_phase:
             # Phase changes always go out at once; whatever progress was waiting is older than this.
             await self._send_now(state)

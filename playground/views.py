@@ -12,7 +12,8 @@ from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 
 from catalog.selectors import offered_model_aget, offered_models
-from fleet.gateway import model_prewarm
+from fleet.gateway.warm import model_prewarm
+from fleet.live import PHASE_LABELS, phase_label
 from fleet.placement import PlacementError
 from fleet.selectors import model_warming_state
 from porten.auth import csrf_failure
@@ -32,12 +33,13 @@ async def playground(request) -> HttpResponse:
         catalog.append({
             "id": model.model_id, "display_name": model.display_name, "description": model.description,
             "context_length": model.context_length, "capabilities": model.capabilities,
-            "state": state, "badge": picker_badge(state),
+            "state": state.as_dict(), "badge": phase_label(state.phase, state.pct),
         })
     config = {
         "catalog": catalog,
         "prewarmOnPick": settings.PORTEN_PREWARM_ON_PICK,
         "warmupBudgetS": PAGE_WARMUP_BUDGET_S,
+        "phaseLabels": PHASE_LABELS,
         "csrfToken": get_token(request),
         "urls": {
             "models": reverse("v1-models"),
@@ -51,16 +53,6 @@ async def playground(request) -> HttpResponse:
         "catalog": catalog, "config": config, "username": user.get_username(),
         "prewarm_on_pick": settings.PORTEN_PREWARM_ON_PICK,
     })
-
-
-def picker_badge(state: dict) -> dict:
-    """The picker's label for a model's state (static/playground/app.js stateLabel says the same)."""
-    phase = state["phase"]
-    if phase == "downloading":
-        return {"text": f"warming {int(state['pct'])}%", "kind": "warming"}
-    text, kind = {"ready": ("ready", "ready"), "queued": ("warming", "warming"), "loading": ("loading", "warming"),
-                  "failed": ("failed", "failed")}.get(phase, ("cold", "cold"))
-    return {"text": text, "kind": kind}
 
 
 @csrf_exempt  # checked below, so the refusal has the OpenAI error shape the page reads
@@ -93,4 +85,4 @@ async def prewarm(request) -> HttpResponse:
     except PlacementError as exc:
         headers = {} if exc.code == "no_capacity" else {"Retry-After": "30"}
         return error_response(503, exc.reason, type="server_error", code=exc.code, headers=headers)
-    return JsonResponse(await model_warming_state(model))
+    return JsonResponse((await model_warming_state(model)).as_dict())

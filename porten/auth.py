@@ -1,14 +1,21 @@
-"""Bearer API key authentication for /v1 (DRF views and async views alike)."""
+"""Who is calling: a Bearer API key (scripts), or a signed-in Django session (the playground).
+One path checks keys, for the async gateway and (through porten.drf) DRF's views alike."""
 from __future__ import annotations
 
-import time
 from datetime import timedelta
+from importlib import import_module
 
+from django.conf import settings
+from django.contrib.auth import aget_user
+from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
-from rest_framework import authentication, exceptions
 
-from .keys import api_key_afor, api_key_for, api_key_touch, bearer_token, hash_key
-from .refresh import look_up_once
+from .cache import Cache
+from .errors import error_response
+from .keys import api_key_afor, bearer_token
+
+KEY_TTL_S = 10.0  # a revoked key stops working within this long in every hub process
+TOUCH_EVERY = timedelta(minutes=1)  # last use is recorded at most this often (not per request)
 
 
 class ApiKeyUser:
@@ -24,19 +31,27 @@ class ApiKeyUser:
         return f"api-key:{self.api_key.name}"
 
 
-class ApiKeyAuthentication(authentication.BaseAuthentication):
-    def authenticate(self, request):
-        token = bearer_token(request.META.get("HTTP_AUTHORIZATION", ""))
-        if not token:
-            return None
-        api_key = api_key_for(token)
-        if api_key is None:
-            raise exceptions.AuthenticationFailed("invalid API key")
-        api_key_touch(api_key)
-        return ApiKeyUser(api_key), api_key
+async def _key_lookup(raw_key: str) -> ApiKeyUser | None:
+    api_key = await api_key_afor(raw_key)
+    if api_key is None:
+        return None
+    stamp = timezone.now()
+    if api_key.last_used_at is None or stamp - api_key.last_used_at > TOUCH_EVERY:
+        await type(api_key).objects.filter(pk=api_key.pk).aupdate(last_used_at=stamp)
+        api_key.last_used_at = stamp
+    return ApiKeyUser(api_key)
 
-    def authenticate_header(self, request) -> str:
-        return 'Bearer realm="porten"'
+
+# Kept by the key as sent: a dict lookup, where hashing it costs more per request. A bad key is
+# looked up again each time, never answered from the cache.
+_keys: Cache[str, ApiKeyUser] = Cache("api-key", _key_lookup, ttl_s=KEY_TTL_S, stale_for_s=0.0, keep_negative=False)
+
+
+async def api_key_user(raw_key: str) -> ApiKeyUser | None:
+    """The caller behind an API key, or None for a missing, unknown or revoked one."""
+    if not raw_key:
+        return None
+    return await _keys.get(raw_key)
 
 
 async def authenticate_async(request) -> tuple[object | None, bool]:
@@ -44,22 +59,17 @@ async def authenticate_async(request) -> tuple[object | None, bool]:
     (the playground). Keys are checked first; a request with a bad key never falls back to a cookie."""
     header = request.META.get("HTTP_AUTHORIZATION", "")
     if header:
-        return await _api_key_user(bearer_token(header)), False
-    user = await _session_user(request)
+        return await api_key_user(bearer_token(header)), False
+    user = await session_user(request)
     if user is not None and user.is_authenticated:
         return user, True
     return None, False
 
 
-async def _session_user(request):
+async def session_user(request):
     """The signed-in user, with or without the session and auth middleware in front of the view."""
     if hasattr(request, "auser"):
         return await request.auser()
-    from importlib import import_module
-
-    from django.conf import settings
-    from django.contrib.auth import aget_user
-
     session_key = request.COOKIES.get(settings.SESSION_COOKIE_NAME)
     if not session_key:
         return None
@@ -67,52 +77,8 @@ async def _session_user(request):
     return await aget_user(request)
 
 
-_KEY_TTL_S = 10.0  # a revoked key stops working within this long in every hub process
-_TOUCH_EVERY = timedelta(minutes=1)
-_key_cache: dict[str, tuple[float, ApiKeyUser]] = {}
-
-
-async def _api_key_user(raw_key: str) -> ApiKeyUser | None:
-    """The caller behind a key. Valid keys are remembered briefly so the hot path does not query
-    the database per request; when one is looked up again, its last use is recorded if the
-    recorded one is over a minute old (a write per request would cost the hot path)."""
-    if not raw_key:
-        return None
-    now = time.monotonic()
-    # Remembered by the key as sent, not by its stored hash: SHA-256 through OpenSSL cost about
-    # 15 µs per call with the hub's caches cold between requests, a dict lookup well under one.
-    # The process holds each key it is sent anyway, while it reads the request.
-    hit = _key_cache.get(raw_key)
-    if hit is not None and hit[0] > now:
-        return hit[1]
-    # Calls that come together with a key out of date (a burst after a quiet spell) share one
-    # lookup, known by the key's stored hash: the key itself must not reach the log if it fails.
-    return await look_up_once(("api-key", hash_key(raw_key)), _api_key_lookup, raw_key)
-
-
-async def _api_key_lookup(raw_key: str) -> ApiKeyUser | None:
-    now = time.monotonic()
-    api_key = await api_key_afor(raw_key)
-    if api_key is None:
-        _key_cache.pop(raw_key, None)
-        return None
-    stamp = timezone.now()
-    if api_key.last_used_at is None or stamp - api_key.last_used_at > _TOUCH_EVERY:
-        await type(api_key).objects.filter(pk=api_key.pk).aupdate(last_used_at=stamp)
-        api_key.last_used_at = stamp
-    if len(_key_cache) > 10_000:
-        _key_cache.clear()
-    user = ApiKeyUser(api_key)
-    _key_cache[raw_key] = (now + _KEY_TTL_S, user)
-    return user
-
-
 def csrf_failure(request, message: str = "CSRF check failed for a signed-in session; send the X-CSRFToken header."):
     """For views that take a session: an OpenAI-shaped 403 when the CSRF check fails, else None."""
-    from django.middleware.csrf import CsrfViewMiddleware
-
-    from .errors import error_response
-
     if CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {}) is None:
         return None
     return error_response(403, message, type="invalid_request_error", code="csrf_failed")

@@ -5,7 +5,6 @@ import hashlib
 import secrets
 
 from django.db import transaction
-from django.utils import timezone
 
 from .models import ApiKey
 
@@ -38,10 +37,6 @@ async def api_key_afor(raw_key: str) -> ApiKey | None:
     if not raw_key:
         return None
     return await ApiKey.objects.filter(key_hash=hash_key(raw_key), is_active=True).afirst()
-
-
-def api_key_touch(api_key: ApiKey) -> None:
-    ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=timezone.now())
 
 
 def bearer_token(authorization_header: str) -> str:

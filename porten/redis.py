@@ -1,17 +1,16 @@
 """Shared Redis clients: one sync pool per process, one async pool per event loop."""
 from __future__ import annotations
 
-import asyncio
 import threading
-import weakref
 
 import redis
 import redis.asyncio as aioredis
 from django.conf import settings
 
+from .loops import forget_loop_objects, per_loop
+
 _lock = threading.Lock()
 _sync_client: redis.Redis | None = None
-_async_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis]" = weakref.WeakKeyDictionary()
 
 # Connections per event loop (redis-py's default size), and how long a call waits for one of them
 # when all are busy: a burst of a thousand cold requests waits its turn instead of failing.
@@ -27,18 +26,18 @@ def redis_client() -> redis.Redis:
         return _sync_client
 
 
+def _new_async_client() -> aioredis.Redis:
+    # Redis-py's default pool raises MaxConnectionsError at once on the 101st concurrent call;
+    # this one waits for a connection.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.REDIS_URL, max_connections=ASYNC_POOL_SIZE, timeout=ASYNC_POOL_WAIT_S, decode_responses=True,
+        health_check_interval=30)
+    return aioredis.Redis.from_pool(pool)
+
+
 def aredis_client() -> aioredis.Redis:
-    # An asyncio connection pool is bound to the loop that created it. Redis-py's own pool raises
-    # MaxConnectionsError at once on the 101st concurrent call; this one waits for a connection.
-    loop = asyncio.get_running_loop()
-    client = _async_clients.get(loop)
-    if client is None:
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.REDIS_URL, max_connections=ASYNC_POOL_SIZE, timeout=ASYNC_POOL_WAIT_S, decode_responses=True,
-            health_check_interval=30)
-        client = aioredis.Redis.from_pool(pool)
-        _async_clients[loop] = client
-    return client
+    """This event loop's client (an asyncio connection pool is bound to the loop that made it)."""
+    return per_loop(_new_async_client)
 
 
 def reset_clients() -> None:
@@ -46,4 +45,4 @@ def reset_clients() -> None:
     global _sync_client
     with _lock:
         _sync_client = None
-        _async_clients.clear()
+    forget_loop_objects()

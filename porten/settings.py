@@ -91,6 +91,7 @@ INSTALLED_APPS = [
     "porten",
     "catalog",
     "fleet",
+    "fleet.agent",
     "playground",
 ]
 
@@ -162,10 +163,10 @@ CHANNEL_LAYERS = {
 }
 
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": ["porten.auth.ApiKeyAuthentication"],
+    "DEFAULT_AUTHENTICATION_CLASSES": ["porten.drf.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "EXCEPTION_HANDLER": "porten.errors.drf_exception_handler",
+    "EXCEPTION_HANDLER": "porten.api_errors.drf_exception_handler",
     "UNAUTHENTICATED_USER": None,
 }
 
@@ -225,7 +226,7 @@ LOGGING = {
         "porten": {"handlers": ["console"], "level": env_str("PORTEN_LOG_LEVEL", "INFO"), "propagate": False},
         "fleet": {"handlers": ["console"], "level": env_str("PORTEN_LOG_LEVEL", "INFO"), "propagate": False},
         "catalog": {"handlers": ["console"], "level": env_str("PORTEN_LOG_LEVEL", "INFO"), "propagate": False},
-        # httpx logs every engine call at INFO: the gateway's hot path, already in the access log.
+        # httpx logs every health check of a starting engine at INFO.
         "httpx": {"level": "WARNING"},
     },
 }

@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fleet.engines.base import EngineLaunch  # noqa: E402
-from fleet.engines.llamacpp import LlamaCppEngine  # noqa: E402
-from fleet.engines.vllm import VllmEngine, gpu_memory_utilization  # noqa: E402
-from fleet.nvml import NvmlReader  # noqa: E402
+from fleet.agent.engines.base import EngineLaunch  # noqa: E402
+from fleet.agent.engines.llamacpp import LlamaCppEngine  # noqa: E402
+from fleet.agent.engines.vllm import VllmEngine, gpu_memory_utilization  # noqa: E402
+from fleet.agent.nvml import NvmlReader  # noqa: E402
 
 failures: list[str] = []
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Starts Porten on this machine in the foreground: daphne, this node's Celery worker, beat and Flower.
+# Starts Porten on this machine in the foreground: the hub (uvicorn, one process per core), this
+# node's Celery worker, beat and Flower.
 # Ctrl-C stops all of them (and the engines the node started).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,9 @@ fi
 "$PY" manage.py migrate --noinput -v0
 "$PY" manage.py porten_setup
 
-"$PY" -m porten.serve -b 127.0.0.1 -p "$PORTEN_PORT" porten.asgi:application &
+HUB_PROCESSES="${PORTEN_HUB_PROCESSES:-$(nproc)}"
+.venv/bin/uvicorn porten.asgi:application --host "${PORTEN_HOST:-127.0.0.1}" --port "$PORTEN_PORT" \
+  --workers "$HUB_PROCESSES" --loop uvloop --http httptools --lifespan on --no-server-header &
 pids+=($!)
 "$PY" manage.py node_worker --hub &
 pids+=($!)

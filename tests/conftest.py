@@ -1,4 +1,4 @@
-"""Shared fixtures: API keys, catalog rows, and a live daphne hub on the test database."""
+"""Shared fixtures: API keys, catalog rows, and a live hub (uvicorn) on the test database."""
 from __future__ import annotations
 
 import os
@@ -61,6 +61,11 @@ def wait_for_http(url: str, *, timeout_s: float, proc: subprocess.Popen | None =
     raise RuntimeError(f"{url} did not answer within {timeout_s} s")
 
 
+def hub_command(host: str, port: int, processes: int = 1) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "porten.asgi:application", "--host", host, "--port", str(port),
+            "--workers", str(processes), "--loop", "uvloop", "--http", "httptools", "--lifespan", "on"]
+
+
 class LiveHub:
     def __init__(self, url: str, proc: subprocess.Popen, log: Path) -> None:
         self.url, self.proc, self.log = url, proc, log
@@ -68,12 +73,12 @@ class LiveHub:
 
 @pytest.fixture(scope="session")
 def live_hub(django_db_setup, django_db_blocker, tmp_path_factory):
-    """daphne serving porten.asgi on a free port, reading the test database."""
+    """The hub as `make run` starts it (uvicorn, here one process), on a free port, reading the test database."""
     port = free_port()
-    log = tmp_path_factory.mktemp("hub") / "daphne.log"
+    log = tmp_path_factory.mktemp("hub") / "hub.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "porten.serve", "-b", "127.0.0.1", "-p", str(port), "porten.asgi:application"],
+            hub_command("127.0.0.1", port),
             # Aging at 2 s (10 s by default) keeps the starvation test short.
             cwd=REPO_ROOT, env=service_env(PORTEN_BUSY_AGING_S="2"), stdout=out, stderr=subprocess.STDOUT,
         )
@@ -92,14 +97,9 @@ def live_hub(django_db_setup, django_db_blocker, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _fresh_process_caches():
     """Hot-path caches live per process; tests recreate rows with the same ids, so start clean."""
-    from catalog import selectors
-    from fleet import gateway
-    from porten import auth
+    from porten.cache import clear_caches
 
-    selectors._offered_cache.clear()
-    auth._key_cache.clear()
-    gateway._routes.clear()
-    gateway._active_cache.clear()
+    clear_caches()
     yield
 
 
@@ -109,7 +109,7 @@ def _no_engine_left_behind():
     yield
     import psutil
 
-    from fleet.engines.process import ENGINE_ENV_NODE, stop_engine
+    from fleet.agent.engines.process import ENGINE_ENV_NODE, stop_engine
 
     leftovers = []
     for proc in psutil.process_iter(["pid"]):

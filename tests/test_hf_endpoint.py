@@ -398,12 +398,43 @@ def test_make_hf_repo_and_commit_sha(tmp_path, gguf):
     assert hub.commit_sha("org/name") != sha  # a changed file is a new commit
 
 
-def test_first_use_in_a_process_stays_on_the_loopback(hub, tmp_path, monkeypatch):
+def test_first_use_in_a_process_stays_on_the_loopback(hub, tmp_path):
     # huggingface_hub fetches {constants.ENDPOINT}/api/agent-harnesses (huggingface.co, whatever endpoint=
-    # says) the first time it builds a user agent, unless telemetry is off; the `hub` fixture turns it off.
-    from huggingface_hub.utils import _detect_agent
+    # says) the first time a process builds a user agent, unless telemetry is off. A fresh process, with
+    # a proxy that records every connection for anything but the loopback, shows whether one is tried.
+    import socket
+    import subprocess
+    import sys
+    import threading
 
-    monkeypatch.setattr(_detect_agent, "_registry", None)  # as in a fresh process
-    path = hf_hub_download(REPO, "README.md", cache_dir=tmp_path, endpoint=hub.url)
-    assert Path(path).read_bytes() == README
-    # The fixture's teardown asserts that no request left the loopback.
+    attempts = []
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        proxy.settimeout(0.2)
+        stop = threading.Event()
+
+        def record():
+            while not stop.is_set():
+                try:
+                    conn, _ = proxy.accept()
+                except OSError:
+                    continue
+                attempts.append(conn.recv(200))
+                conn.close()
+
+        recorder = threading.Thread(target=record, daemon=True)
+        recorder.start()
+        proxy_url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+        env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
+               "HTTPS_PROXY": proxy_url, "HTTP_PROXY": proxy_url, "ALL_PROXY": proxy_url,
+               "NO_PROXY": "127.0.0.1,localhost"}
+        script = ("import sys; from huggingface_hub import hf_hub_download; "
+                  "print(open(hf_hub_download(sys.argv[1], 'README.md', cache_dir=sys.argv[2], endpoint=sys.argv[3]), 'rb').read())")
+        done = subprocess.run([sys.executable, "-c", script, REPO, str(tmp_path), hub.url], env=env,
+                              capture_output=True, timeout=60)
+        stop.set()
+        recorder.join(timeout=2)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert repr(README).encode() in done.stdout
+    assert attempts == [], f"requests that left the loopback: {attempts}"

@@ -136,7 +136,7 @@ def node_worker_factory(transactional_db, tmp_path, hf):
         return worker.start()
 
     yield factory
-    from fleet.engines.process import stop_all_engines
+    from fleet.agent.engines.process import stop_all_engines
 
     for worker in workers:
         worker.stop()
@@ -152,9 +152,10 @@ class EventLog:
     """Every state the fleet publishes for one model, collected from Redis pub/sub."""
 
     def __init__(self, model_id: str) -> None:
-        from fleet.live import events_channel
+        from fleet.live import WarmingState, events_channel
         from porten.redis import redis_client
 
+        self.read = WarmingState.from_json
         self.events: list[dict] = []
         self._pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
         self._pubsub.subscribe(events_channel(model_id))
@@ -166,7 +167,7 @@ class EventLog:
         while not self._stop.is_set():
             message = self._pubsub.get_message(timeout=0.2)
             if message and message["type"] == "message":
-                self.events.append(json.loads(message["data"]))
+                self.events.append(self.read(message["data"]).as_dict())
 
     def phases(self) -> list[str]:
         out: list[str] = []

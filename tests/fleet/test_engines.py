@@ -14,9 +14,9 @@ import httpx
 import psutil
 import pytest
 
-from fleet.engines import ENGINES, LlamaCppEngine, LlamaServerEngine, UnknownEngine, VllmEngine, engine_for
-from fleet.engines.base import Engine, EngineLaunch
-from fleet.engines.process import (
+from fleet.agent.engines import ENGINES, LlamaCppEngine, LlamaServerEngine, UnknownEngine, VllmEngine, engine_for
+from fleet.agent.engines.base import Engine, EngineLaunch
+from fleet.agent.engines.process import (
     ENGINE_ENV_INSTANCE,
     ENGINE_ENV_NODE,
     EngineStartError,
@@ -398,8 +398,8 @@ def test_is_alive_and_is_healthy_for_nothing():
 ORPHANING_WORKER = r'''
 import sys
 from pathlib import Path
-from fleet.engines.base import Engine, EngineLaunch
-from fleet.engines.process import start_engine
+from fleet.agent.engines.base import Engine, EngineLaunch
+from fleet.agent.engines.process import start_engine
 
 script, node, instance_id, port, log_path = sys.argv[1:]
 

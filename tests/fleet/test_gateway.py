@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from fleet.engines.process import find_engine_processes
+from fleet.agent.engines.process import find_engine_processes
 from fleet.models import Instance, Phase
 from tests.fleet.conftest import BROKEN_REPO, GGUF_NAME, MULTI_REPO, offered
 
@@ -31,8 +31,10 @@ def test_cold_model_blocks_then_answers_and_then_is_warm(client, node_worker, hf
     assert reply.choices[0].message.content.strip(), "real generated text"
     assert raw.headers["x-porten-cold-start"] == "true"
     assert float(raw.headers["x-porten-load-seconds"]) > 0
+    assert raw.headers["x-porten-node"] == node_worker.name
     warm = client.chat.completions.with_raw_response.create(model="gemma-gw", messages=HELLO, max_tokens=4)
     assert warm.headers["x-porten-cold-start"] == "false"
+    assert warm.headers["x-porten-node"] == node_worker.name
     assert "x-porten-load-seconds" not in warm.headers
     completion = client.completions.create(model="gemma-gw", prompt="Once upon a time", max_tokens=8)
     assert completion.choices[0].text.strip()

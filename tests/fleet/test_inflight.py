@@ -6,7 +6,8 @@ import asyncio
 import time
 
 from fleet.demand import demand_counts, last_requests
-from fleet.inflight import PROCESS_ID, Tally, _key, inflight_count
+from fleet.gateway.inflight import PROCESS_ID, Tally
+from fleet.live import inflight_count, inflight_key
 from porten.redis import redis_client
 
 
@@ -24,7 +25,7 @@ async def test_in_flight_requests_reach_redis_and_leave_it():
     await eventually(lambda: inflight_count(instance_id) == 2)
     tally.leave(instance_id)
     tally.leave(instance_id)
-    await eventually(lambda: not redis_client().exists(_key(instance_id)))
+    await eventually(lambda: not redis_client().exists(inflight_key(instance_id)))
     assert inflight_count(instance_id) == 0
 
 
@@ -34,14 +35,14 @@ async def test_a_count_back_where_redis_has_it_is_not_written_again():
     # Written, and the tally's flush has heard back: Redis can have the count a moment before
     # the flush records it (seen under load), and a flush then would rightly write it again.
     await eventually(lambda: inflight_count(instance_id) == 1 and tally.written.get(instance_id) == 1)
-    redis_client().hset(_key(instance_id), PROCESS_ID, 7)  # a marker: any write would replace it
+    redis_client().hset(inflight_key(instance_id), PROCESS_ID, 7)  # a marker: any write would replace it
     tally.leave(instance_id)
     tally.enter(instance_id, None)  # the next request came in before the next flush
     await tally.flush()
-    assert redis_client().hget(_key(instance_id), PROCESS_ID) == "7"
+    assert redis_client().hget(inflight_key(instance_id), PROCESS_ID) == "7"
     tally.leave(instance_id)
     await tally.flush()
-    assert not redis_client().exists(_key(instance_id))
+    assert not redis_client().exists(inflight_key(instance_id))
 
 
 async def test_served_requests_become_demand_within_about_a_second():
@@ -57,7 +58,7 @@ async def test_served_requests_become_demand_within_about_a_second():
 
 
 async def test_served_counts_owed_to_redis_do_not_wake_an_idle_hub_every_tick():
-    from fleet.inflight import FLUSH_S, SLOW_FLUSH_S
+    from fleet.gateway.inflight import FLUSH_S, SLOW_FLUSH_S
 
     tally, instance_id, model_id = Tally(), 900_005, "tally-idle-model"
     flushes = []
@@ -79,7 +80,7 @@ async def test_served_counts_owed_to_redis_do_not_wake_an_idle_hub_every_tick():
 
 
 async def test_a_count_that_only_grows_or_shrinks_is_written_once_a_second():
-    from fleet.inflight import FLUSH_S, SLOW_FLUSH_S
+    from fleet.gateway.inflight import FLUSH_S, SLOW_FLUSH_S
 
     tally, instance_id = Tally(), 900_006
     try:
@@ -96,26 +97,26 @@ async def test_a_count_that_only_grows_or_shrinks_is_written_once_a_second():
         assert time.monotonic() - started >= SLOW_FLUSH_S - 2 * FLUSH_S
         for _ in range(5):
             tally.leave(instance_id)
-        await eventually(lambda: not redis_client().exists(_key(instance_id)), timeout_s=FLUSH_S * 10)
+        await eventually(lambda: not redis_client().exists(inflight_key(instance_id)), timeout_s=FLUSH_S * 10)
     finally:
-        redis_client().delete(_key(instance_id))
+        redis_client().delete(inflight_key(instance_id))
 
 
 async def test_requests_that_come_and_go_within_a_tick_cost_no_write():
-    from fleet.inflight import FLUSH_S
+    from fleet.gateway.inflight import FLUSH_S
 
     tally, instance_id = Tally(), 900_004
-    redis_client().hset(_key(instance_id), PROCESS_ID, 7)  # a marker: any write would replace or remove it
+    redis_client().hset(inflight_key(instance_id), PROCESS_ID, 7)  # a marker: any write would replace or remove it
     try:
         for _ in range(5):  # one client's short requests, back to back
             tally.enter(instance_id, None)
             await asyncio.sleep(FLUSH_S / 20)
             tally.leave(instance_id)
         await asyncio.sleep(FLUSH_S * 4)
-        assert redis_client().hget(_key(instance_id), PROCESS_ID) == "7"
+        assert redis_client().hget(inflight_key(instance_id), PROCESS_ID) == "7"
         tally.enter(instance_id, None)  # one that stays is written within a tick or so
         await eventually(lambda: inflight_count(instance_id) == 1, timeout_s=FLUSH_S * 10)
     finally:
         tally.leave(instance_id)
         await tally.flush()
-        redis_client().delete(_key(instance_id))
+        redis_client().delete(inflight_key(instance_id))

@@ -11,9 +11,11 @@ import httpx
 import pytest
 
 from catalog.models import CatalogModel
-from fleet.engines.process import find_engine_processes, is_alive
+from fleet.agent.engines.process import find_engine_processes, is_alive
 from fleet.models import Instance, Node, Phase
-from fleet.services import instance_create, instance_enqueue_unload, instance_load
+from fleet.agent.services import instance_load
+from fleet.dispatch import instance_enqueue_unload
+from fleet.services import instance_create
 from tests.factories import CatalogModelFactory
 from tests.fleet.conftest import BROKEN_REPO, GEMMA_REPO, GGUF_NAME, MULTI_REPO, wait_for_phase
 
@@ -77,7 +79,7 @@ def test_load_download_progress_ready_chat_unload_reload(node_worker, hf, event_
 
 
 def test_repeated_load_task_downloads_and_starts_once(node_worker, hf):
-    from fleet.tasks import load_instance
+    from fleet.agent.tasks import load_instance
 
     model = gemma_model()
     node = Node.objects.get(name=node_worker.name)

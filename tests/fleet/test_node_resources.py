@@ -7,9 +7,9 @@ import pytest
 from django.test import override_settings
 
 from fleet.models import Instance, Phase
-from fleet.nvml import GpuReading, NvmlReader, set_gpu_reader
-from fleet.services import node_devices, node_heartbeat, node_register
-from fleet.store import ModelStore, WeightsSource
+from fleet.agent.nvml import GpuReading, NvmlReader, set_gpu_reader
+from fleet.agent.services import node_devices, node_heartbeat, node_register
+from fleet.agent.store import ModelStore, WeightsSource
 
 pytestmark = pytest.mark.django_db
 

@@ -62,14 +62,14 @@ def test_gpu_free_memory_is_the_heartbeat_less_pending_loads(catalog_model):
 async def test_no_route_to_an_engine_on_a_dead_node(catalog_model):
     from asgiref.sync import sync_to_async
 
-    from fleet.gateway import ready_route
+    from fleet.gateway.warm import ready_route
 
     model = await sync_to_async(catalog_model)(model_id="ghost-route", vram_mb=1000)
     dead = await sync_to_async(node)("dead-2", age_s=600)
     await Instance.objects.acreate(model=model, node=dead, phase=Phase.READY, vram_mb=1000, port=1234)
-    assert await ready_route(model, use_cache=False) is None
+    assert await ready_route(model, max_age_s=0) is None
     await Node.objects.filter(pk=dead.pk).aupdate(last_heartbeat_at=timezone.now())
-    route = await ready_route(model, use_cache=False)
+    route = await ready_route(model, max_age_s=0)
     assert route is not None and route.base_url.endswith(":1234")
 
 
@@ -148,7 +148,7 @@ def test_an_eviction_older_than_the_horizon_is_forgotten(catalog_model):
 async def test_cold_requests_in_one_process_share_one_placement_call(catalog_model, monkeypatch):
     from asgiref.sync import sync_to_async
 
-    from fleet import gateway
+    from fleet.gateway import warm as gateway
 
     model = await sync_to_async(catalog_model)(model_id="shared-placement", vram_mb=1000)
     await sync_to_async(node)("shared-node")

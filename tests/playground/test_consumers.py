@@ -13,7 +13,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 from django.utils import timezone
 
-from fleet.live import publish_state, warming_group, warming_state
+from fleet.live import WarmingState, publish_state, warming_group
 from fleet.models import Instance, Node, Phase
 from playground.consumers import CLOSE_UNAUTHENTICATED, CLOSE_UNKNOWN_MODEL, MIN_INTERVAL_S
 from porten.asgi import application
@@ -77,8 +77,9 @@ async def collect(communicator: WebsocketCommunicator, into: list[tuple[float, d
 
 
 def progress(model_id: str, instance_id: int, done: int, total: int = 1000, phase: str = "downloading") -> dict:
-    return warming_state(model_id=model_id, phase=phase, instance_id=instance_id, bytes_done=done,
-                         bytes_total=total, rate_bps=5e6)
+    """A state as it reaches the channel-layer group."""
+    return WarmingState(model=model_id, phase=phase, instance=instance_id, bytes_done=done, bytes_total=total,
+                        rate_bps=5e6).as_dict()
 
 
 async def test_unauthenticated_socket_is_refused():
@@ -183,7 +184,8 @@ async def test_publish_state_from_a_node_reaches_the_socket():
     assert (await communicator.connect())[0]
     await communicator.receive_json_from(timeout=2)
     # What the node agent calls, from a worker thread.
-    await sync_to_async(publish_state, thread_sensitive=False)(progress("ws-publish", instance.pk, 640))
+    await sync_to_async(publish_state, thread_sensitive=False)(WarmingState(
+        model="ws-publish", phase="downloading", instance=instance.pk, bytes_done=640, bytes_total=1000))
     update = await communicator.receive_json_from(timeout=3)
     assert update["phase"] == "downloading"
     assert update["bytes_done"] == 640
@@ -198,10 +200,9 @@ async def test_an_unloaded_instance_reads_as_cold():
     communicator = socket("ws-unload", cookie)
     assert (await communicator.connect())[0]
     assert (await communicator.receive_json_from(timeout=2))["phase"] == "ready"
-    layer = get_channel_layer()
-    for phase in ("draining", "stopped"):
-        await layer.group_send(warming_group("ws-unload"), {
-            "type": "warming.update", "state": warming_state(model_id="ws-unload", phase=phase, instance_id=instance.pk)})
+    for phase in ("draining", "stopped"):  # as the node publishes them
+        await sync_to_async(publish_state, thread_sensitive=False)(
+            WarmingState(model="ws-unload", phase=phase, instance=instance.pk))
     received = [message for _, message in await drain(communicator, quiet_s=0.6)]
     # Draining still answers: to a person it is ready (a repeat of "ready" may be throttled away).
     assert {m["phase"] for m in received[:-1]} <= {"ready"}

@@ -58,7 +58,7 @@ def test_the_page_lists_the_offered_catalog_with_states(signed_in):
     assert "Small one" in html and 'data-model-id="pg-small"' in html
     assert "pg-hidden" not in html, "a disabled model is not offered"
     assert '<span class="badge badge-cold">cold</span>' in html
-    assert "/static/playground/app.js" in html and "/static/playground/app.css" in html
+    assert "/static/playground/main.js" in html and "/static/playground/app.css" in html
     config = json.loads(html.split('<script id="playground-config" type="application/json">')[1].split("</script>")[0])
     [entry] = [m for m in config["catalog"] if m["id"] == "pg-small"]
     assert entry["context_length"] == 2048

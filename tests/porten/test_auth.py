@@ -57,5 +57,5 @@ async def test_the_async_check_knows_a_key_records_its_use_and_drops_it_once_rev
 
     await ApiKey.objects.aupdate(is_active=False)
     assert (await auth.authenticate_async(request(api_key)))[0] is caller  # remembered for a few seconds
-    auth._key_cache.update({key: (0.0, user) for key, (_, user) in auth._key_cache.items()})  # time passes
+    auth._keys.entries.update({key: (0.0, user) for key, (_, user) in auth._keys.entries.items()})  # time passes
     assert await auth.authenticate_async(request(api_key)) == (None, False)

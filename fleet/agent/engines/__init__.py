@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fleet.engines.base import Engine, EngineLaunch
-from fleet.engines.llamacpp import LlamaCppEngine, LlamaServerEngine
-from fleet.engines.vllm import VllmEngine
+from fleet.agent.engines.base import Engine, EngineLaunch
+from fleet.agent.engines.llamacpp import LlamaCppEngine, LlamaServerEngine
+from fleet.agent.engines.vllm import VllmEngine
 
 ENGINES: dict[str, type[Engine]] = {
     LlamaCppEngine.name: LlamaCppEngine,

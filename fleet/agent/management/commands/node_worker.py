@@ -8,7 +8,7 @@ import sys
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from fleet.agent import AGENT_ENV
+from fleet.agent.worker import AGENT_ENV
 from porten.celery import node_queue
 
 

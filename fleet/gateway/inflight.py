@@ -9,10 +9,12 @@ import os
 import socket
 import time
 import uuid
-import weakref
 from collections import Counter
 
-from porten.redis import aredis_client, redis_client
+from fleet.demand import demand_commands
+from fleet.live import inflight_key
+from porten.loops import per_loop
+from porten.redis import aredis_client
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +27,6 @@ FLUSH_S = 0.05
 # late is fine, and one write a second instead of twenty frees the hub's loop.
 SLOW_FLUSH_S = 1.0
 PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-
-
-def _key(instance_id: int) -> str:
-    return f"porten:inflight:{instance_id}"
 
 
 class Tally:
@@ -87,8 +85,6 @@ class Tally:
         self.wake.set()
 
     async def flush(self) -> None:
-        from .demand import demand_commands
-
         due = bool(self.served or self.resized) and time.monotonic() - self.slow_flushed_at >= SLOW_FLUSH_S
         if not self.dirty and not due:
             return
@@ -113,10 +109,10 @@ class Tally:
                 continue
             writing[instance_id] = count
             if count > 0:
-                pipe.hset(_key(instance_id), PROCESS_ID, count)
-                pipe.expire(_key(instance_id), TTL_S)
+                pipe.hset(inflight_key(instance_id), PROCESS_ID, count)
+                pipe.expire(inflight_key(instance_id), TTL_S)
             else:
-                pipe.hdel(_key(instance_id), PROCESS_ID)
+                pipe.hdel(inflight_key(instance_id), PROCESS_ID)
         if not writing and not served:
             return
         now = time.time()
@@ -134,17 +130,6 @@ class Tally:
                 self.written.pop(instance_id, None)
 
 
-_tallies: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Tally]" = weakref.WeakKeyDictionary()
-
-
 def tally() -> Tally:
-    loop = asyncio.get_running_loop()
-    found = _tallies.get(loop)
-    if found is None:
-        found = _tallies[loop] = Tally()
-    return found
-
-
-def inflight_count(instance_id: int) -> int:
-    """Requests in flight on the instance across every hub process."""
-    return sum(max(0, int(v)) for v in redis_client().hvals(_key(instance_id)))
+    """This event loop's tally."""
+    return per_loop(Tally)

@@ -1,4 +1,4 @@
-"""/v1/chat/completions, /v1/completions and the public warming endpoint: parse, call, serialize."""
+"""The gateway's views: /v1/chat/completions, /v1/completions and the public warming endpoint."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,12 @@ from django.http import HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from catalog.selectors import offered_model_aget
+from fleet.selectors import model_warming_state
 from porten.auth import authenticate_async, csrf_failure
 from porten.errors import error_response, invalid_request, model_not_found, unauthorized
 
-from .gateway import WarmupFailed, proxy, ready_route, record_demand, warm_route
-from .selectors import model_warming_state
+from .asgi import too_large
+from .warm import WarmupFailed, proxy, ready_route, record_demand, warm_route
 from .validation import BadRequest, validate_chat, validate_common, validate_completion, validate_limits
 
 BUDGET_HEADER = "HTTP_X_PORTEN_WARMUP_BUDGET"
@@ -43,13 +44,13 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
     except ValueError:
         content_length = 0
     if content_length > settings.PORTEN_MAX_BODY_BYTES:
-        return _too_large()
+        return too_large()
     try:
         raw = request.body
     except RequestDataTooBig:
-        return _too_large()
+        return too_large()
     if len(raw) > settings.PORTEN_MAX_BODY_BYTES:
-        return _too_large()
+        return too_large()
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -70,7 +71,7 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
 
     route = await ready_route(model)
     if route is not None:
-        response = await proxy(route, path=path, payload=raw, stream=bool(body.get("stream")), model_id=model.model_id,
+        response = await proxy(route, path=path, payload=raw, stream=bool(body.get("stream")), model=model,
                                count_served=True)
         if response.status_code != 502:
             return response
@@ -80,12 +81,7 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
         route = await warm_route(model, budget_s=budget_s)
     except WarmupFailed as failure:
         return failure.response
-    return await proxy(route, path=path, payload=raw, stream=bool(body.get("stream")), model_id=model.model_id)
-
-
-def _too_large() -> HttpResponse:
-    return invalid_request(f"The request body is larger than {settings.PORTEN_MAX_BODY_BYTES} bytes.",
-                           status=413, code="request_too_large")
+    return await proxy(route, path=path, payload=raw, stream=bool(body.get("stream")), model=model)
 
 
 def _method_not_allowed(request) -> HttpResponse:
@@ -115,7 +111,7 @@ async def warming(request) -> HttpResponse:
     if model is None:
         return model_not_found(model_id)
     state = await model_warming_state(model)
-    return JsonResponse(state)
+    return JsonResponse(state.as_dict())
 
 
 async def v1_not_found(request, rest: str = "") -> HttpResponse:

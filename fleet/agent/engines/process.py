@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from fleet.engines.base import Engine, EngineLaunch
+from fleet.agent.engines.base import Engine, EngineLaunch
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import ClassVar
 
-from fleet.engines.base import Engine, EngineLaunch
+from fleet.agent.engines.base import Engine, EngineLaunch
 
 
 class LlamaCppEngine(Engine):

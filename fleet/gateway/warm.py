@@ -1,35 +1,32 @@
 """The /v1 gateway's work: find or warm a model's engine within the request's budget, then proxy."""
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import math
 import random
 import time
-import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 
-import httpx
+import aiohttp
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpResponse
 from django.utils import timezone
 
 from catalog.models import CatalogModel
+from fleet.demand import demand_record
+from fleet.live import WarmingState, instance_state
+from fleet.models import ACTIVE_PHASES, Instance, Phase
+from fleet.placement import PlacementError, instance_ensure, node_online, node_stale_s
+from porten.cache import Cache, once
 from porten.errors import error_response
-from porten.gateway_handler import PassThroughStream
-from porten.refresh import look_up_once, usable
 
-from .demand import demand_record
+from .asgi import EventStream
+from .engine_client import EngineUnavailable, engine_post, engine_read
 from .events import model_events
 from .inflight import tally
-from .live import warming_state
-from .models import ACTIVE_PHASES, Instance, Phase
-from .placement import PlacementError, instance_ensure, node_online, node_stale_s
-from .upstream import EngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +40,7 @@ BUSY_RETRY_S = 2.0  # how often a request that could not be placed asks the plan
 class Route:
     instance_id: int
     base_url: str
+    node: str
     cold: bool = False
     load_seconds: float | None = None
 
@@ -52,86 +50,47 @@ class WarmupFailed(Exception):
         self.response = response
 
 
-# --- upstream client and route cache, one per event loop ---------------------------------------
-
-_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EngineClient]" = weakref.WeakKeyDictionary()
-_routes: dict[str, tuple[float, Route]] = {}
-
-
-def upstream_client() -> EngineClient:
-    loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None:
-        client = EngineClient(timeout=httpx.Timeout(settings.PORTEN_UPSTREAM_TIMEOUT_S, connect=5.0))
-        _clients[loop] = client
-    return client
-
+# --- per-process caches of the database's answers ------------------------------------------
 
 def _route_for(instance: Instance, *, cold: bool = False) -> Route:
     load_s = None
     if cold and instance.ready_at and instance.created_at:
         load_s = round((instance.ready_at - instance.created_at).total_seconds(), 3)
-    return Route(instance.pk, f"http://{instance.node.address}:{instance.port}", cold=cold, load_seconds=load_s)
+    return Route(instance.pk, f"http://{instance.node.address}:{instance.port}", instance.node.name, cold=cold,
+                 load_seconds=load_s)
 
 
-_route_locks: dict[str, asyncio.Lock] = {}
+async def _ready_lookup(model: CatalogModel) -> Route | None:
+    instance = await Instance.objects.filter(
+        model=model, phase=Phase.READY,
+        node__last_heartbeat_at__gte=timezone.now() - timedelta(seconds=node_stale_s()),
+    ).select_related("node").afirst()
+    return _route_for(instance) if instance is not None else None
 
 
-async def ready_route(model: CatalogModel, *, use_cache: bool = True, max_age_s: float = ROUTE_TTL_S) -> Route | None:
-    """The ready engine for this model, from a per-process cache. A ready engine found just past
-    `max_age_s` is answered at once while one task looks again (porten.refresh). With none cached,
-    one query at a time refreshes it, and everyone who asked meanwhile reuses the answer."""
-    cached = _routes.get(model.model_id)
-    if use_cache and cached and usable(("route", model.model_id), cached[1], time.monotonic() - cached[0] - max_age_s,
-                                       _route_lookup, model):
-        return cached[1]
-    return await _route_lookup(model)
+async def _active_lookup(model: CatalogModel) -> Instance | None:
+    return await Instance.objects.filter(model=model, phase__in=ACTIVE_PHASES).select_related("node").afirst()
 
 
-async def _route_lookup(model: CatalogModel) -> Route | None:
-    lock = _route_locks.setdefault(model.model_id, asyncio.Lock())
-    asked_at = time.monotonic()
-    async with lock:
-        cached = _routes.get(model.model_id)
-        if cached and cached[0] >= asked_at:
-            return cached[1]  # refreshed by someone else while we queued
-        instance = await Instance.objects.filter(
-            model=model, phase=Phase.READY,
-            node__last_heartbeat_at__gte=timezone.now() - timedelta(seconds=node_stale_s()),
-        ).select_related("node").afirst()
-        route = _route_for(instance) if instance is not None else None
-        _routes[model.model_id] = (time.monotonic(), route)
-        return route
+# Keyed by the model row (equal by primary key): a ready engine is reused for ROUTE_TTL_S, and a
+# live instance briefly, so a wake-up of a thousand waiters costs one query.
+_routes: Cache[CatalogModel, Route] = Cache("ready-route", _ready_lookup, ttl_s=ROUTE_TTL_S)
+_active_instances: Cache[CatalogModel, Instance] = Cache("active-instance", _active_lookup, ttl_s=0.2,
+                                                         stale_for_s=0.0)
 
 
-def forget_route(model_id: str) -> None:
-    _routes.pop(model_id, None)
-    _active_cache.pop(model_id, None)
+async def ready_route(model: CatalogModel, *, max_age_s: float | None = None) -> Route | None:
+    """The model's ready engine, from this process's cache (see porten.cache)."""
+    return await _routes.get(model, max_age_s=max_age_s)
 
 
-# --- warming ----------------------------------------------------------------------------------
-
-_active_cache: dict[str, tuple[float, Instance | None]] = {}
-
-
-async def _active(model: CatalogModel, max_age_s: float = 0.2) -> Instance | None:
-    """The model's live instance; like ready_route, one query serves every waiter that asks at once."""
-    cached = _active_cache.get(model.model_id)
-    if cached and time.monotonic() - cached[0] < max_age_s:
-        return cached[1]
-    lock = _route_locks.setdefault("active:" + model.model_id, asyncio.Lock())
-    asked_at = time.monotonic()
-    async with lock:
-        cached = _active_cache.get(model.model_id)
-        if cached and cached[0] >= asked_at:
-            return cached[1]
-        instance = await Instance.objects.filter(model=model, phase__in=ACTIVE_PHASES).select_related("node").afirst()
-        _active_cache[model.model_id] = (time.monotonic(), instance)
-        return instance
+def forget_route(model: CatalogModel) -> None:
+    _routes.forget(model)
+    _active_instances.forget(model)
 
 
 def _placed_or_refused(model: CatalogModel) -> Instance | PlacementError:
-    # A refusal is an answer, not a failure: returned, so the shared lookup does not log it.
+    # A refusal is an answer, not a failure: returned, so the shared call does not log it.
     try:
         return instance_ensure(model=model)
     except PlacementError as exc:
@@ -140,18 +99,16 @@ def _placed_or_refused(model: CatalogModel) -> Instance | PlacementError:
 
 async def _ensure(model: CatalogModel) -> Instance:
     """instance_ensure (one load across every hub process), asked once at a time per model in this
-    process (look_up_once): the waiters that find no instance together share one call. A burst of
-    1,000 cold requests made 294 calls, each a thread and database queries fighting the event loop
-    for the GIL, until the first one's answer got through."""
-    outcome = await look_up_once(("ensure", model.model_id),
-                                 sync_to_async(_placed_or_refused, thread_sensitive=False), model)
+    process: the waiters that find no instance together share one call."""
+    outcome = await once("ensure", model.model_id,
+                         lambda: sync_to_async(_placed_or_refused, thread_sensitive=False)(model))
     if isinstance(outcome, PlacementError):
         raise PlacementError(outcome.code, outcome.reason)  # each waiter its own: one raised by all grows its traceback
-    _active_cache[model.model_id] = (time.monotonic(), outcome)
+    _active_instances.put(model, outcome)
     return outcome
 
 
-def retry_after_s(instance: Instance | None, state: dict | None, past_load_s: float | None) -> int:
+def retry_after_s(instance: Instance | None, state: WarmingState | None, past_load_s: float | None) -> int:
     """Seconds until the model should be ready: bytes left at the measured rate, plus its past load time."""
     load_s = past_load_s or DEFAULT_LOAD_S
     if instance is None:
@@ -161,9 +118,10 @@ def retry_after_s(instance: Instance | None, state: dict | None, past_load_s: fl
         elapsed = time.time() - instance.updated_at.timestamp()
         return max(1, math.ceil(load_s - elapsed))
     if phase == Phase.DOWNLOADING:
-        done = (state or {}).get("bytes_done", instance.bytes_done)
-        total = (state or {}).get("bytes_total", instance.bytes_total)
-        rate = (state or {}).get("rate_mbps", 0) * 1_000_000 or instance.download_rate_bps
+        live = state if state is not None and state.instance == instance.pk else None
+        done = live.bytes_done if live else instance.bytes_done
+        total = live.bytes_total if live else instance.bytes_total
+        rate = (live.rate_bps if live else 0.0) or instance.download_rate_bps
         download_s = (total - done) / rate if rate > 0 and total else DEFAULT_DOWNLOAD_S
         return max(1, math.ceil(download_s + load_s))
     return max(1, math.ceil(DEFAULT_DOWNLOAD_S + load_s))
@@ -174,14 +132,13 @@ async def _past_load_s(model: CatalogModel) -> float | None:
         "load_seconds", flat=True).afirst()
 
 
-def _state_of(instance: Instance | None, model_id: str, live: dict | None) -> dict:
+def _state_of(instance: Instance | None, model: CatalogModel, live: WarmingState | None) -> WarmingState:
     if instance is None:
-        return warming_state(model_id=model_id, phase="idle", instance_id=None)
-    if live and live.get("instance") == instance.pk and live.get("phase") == instance.phase:
-        return live
-    return warming_state(model_id=model_id, phase=instance.phase, instance_id=instance.pk,
-                         bytes_done=instance.bytes_done, bytes_total=instance.bytes_total,
-                         rate_bps=instance.download_rate_bps, error=instance.last_error)
+        return WarmingState(model=model.model_id)
+    if live is not None and live.instance == instance.pk and live.phase == instance.phase:
+        return live.public()
+    instance.model = model
+    return instance_state(instance).public()
 
 
 async def warm_route(model: CatalogModel, *, budget_s: float) -> Route:
@@ -217,12 +174,13 @@ async def warm_route(model: CatalogModel, *, budget_s: float) -> Route:
         if remaining <= 0:
             events.discard(model.model_id, future)
             live = events.latest.get(model.model_id)
-            state = _state_of(active, model.model_id, live)
+            state = _state_of(active, model, live)
             retry = retry_after_s(active, live, await _past_load_s(model))
+            shown = state.as_dict()
             raise WarmupFailed(error_response(
-                503, f"{model.model_id} is warming up ({state['phase']}, {state['pct']}%); retry in about {retry} s.",
+                503, f"{model.model_id} is warming up ({state.phase}, {state.pct}%); retry in about {retry} s.",
                 type="server_error", code="model_warming", headers={"Retry-After": str(retry)},
-                warming={k: state[k] for k in ("model", "ready", "phase", "done_mb", "total_mb", "pct")},
+                warming={k: shown[k] for k in ("model", "ready", "phase", "done_mb", "total_mb", "pct")},
             ))
         # Jitter the fallback re-read so a thousand waiters never poll in lockstep.
         fallback_s = BUSY_RETRY_S if busy else random.uniform(10.0, 20.0)
@@ -236,7 +194,7 @@ async def _warm_step(model: CatalogModel, watched: Instance | None) -> Route | I
     if route is not None:
         instance = await Instance.objects.select_related("node").aget(pk=route.instance_id)
         return _route_for(instance, cold=True)
-    active = await _active(model)
+    active = await _active_instances.get(model)
     if active is None and watched is not None:
         ended = await Instance.objects.aget(pk=watched.pk)
         if ended.phase == Phase.FAILED:
@@ -261,13 +219,14 @@ async def _warm_step(model: CatalogModel, watched: Instance | None) -> Route | I
 
 def _porten_headers(response: HttpResponse, route: Route) -> None:
     response["X-Porten-Cold-Start"] = "true" if route.cold else "false"
+    response["X-Porten-Node"] = route.node
     if route.cold and route.load_seconds is not None:
         response["X-Porten-Load-Seconds"] = f"{route.load_seconds:.3f}"
 
 
-def _engine_gone(model_id: str) -> HttpResponse:
-    forget_route(model_id)
-    return error_response(502, f"The engine serving {model_id} did not answer; retry the request.",
+def _engine_gone(model: CatalogModel) -> HttpResponse:
+    forget_route(model)
+    return error_response(502, f"The engine serving {model.model_id} did not answer; retry the request.",
                           type="server_error", code="engine_unavailable")
 
 
@@ -285,75 +244,49 @@ class _Accounting:
 
 
 class _EngineStream:
-    """An engine's streamed answer, passed on as its bytes come (EngineClient asks for no encoding):
-    iterated, or pushed to a writer (PassThroughStream). Closing it (also when the client goes
-    away and Django cancels us) closes the engine connection, which cancels the generation."""
+    """An engine's streamed answer, passed on as its bytes come. Closing it before the end (the
+    client went away) closes the engine connection, which cancels the generation."""
 
-    def __init__(self, client: EngineClient, upstream: httpx.Response, accounting: _Accounting) -> None:
-        self.client, self.upstream, self.accounting = client, upstream, accounting
+    def __init__(self, upstream: aiohttp.ClientResponse, accounting: _Accounting) -> None:
+        self.upstream, self.accounting, self.finished = upstream, accounting, False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for part in self.upstream.stream:
-                yield part
-        finally:
-            await self.aclose()
-
-    async def push(self, write: Callable[[bytes], object]) -> bytes:
-        return await self.client.push(self.upstream, write)
+        async for part in self.upstream.content.iter_any():
+            yield part
+        self.finished = True
 
     async def aclose(self) -> None:
         try:
-            await self.upstream.aclose()
+            if self.finished:
+                self.upstream.release()
+            else:
+                self.upstream.close()
         finally:
             self.accounting.close()
 
 
-@functools.lru_cache(maxsize=4096)
-def _engine_url(base_url: str, path: str) -> httpx.URL:
-    # Parsed once per engine and path: httpx parses a str URL again on every call, about 30 % of
-    # the time its client layer takes per request (measured with a transport that does nothing).
-    return httpx.URL(base_url + path)
-
-
-async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model_id: str,
+async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model: CatalogModel,
                 count_served: bool = False) -> HttpResponse:
     """Forward the caller's (validated) body to the engine as it came. With `count_served`, the
     request also counts as served demand."""
-    client = upstream_client()
-    request = client.json_request(_engine_url(route.base_url, path), payload)
-    accounting = _Accounting(route.instance_id, model_id if count_served else None)
-    if not stream:
+    accounting = _Accounting(route.instance_id, model.model_id if count_served else None)
+    try:
+        upstream = await engine_post(route.base_url + path, payload)
+    except EngineUnavailable:
+        accounting.close()
+        return _engine_gone(model)
+    if not stream or upstream.status != 200:
         try:
-            upstream = await client.send(request, stream=True)
-            content = await client.read(upstream)
-        except httpx.TransportError:
-            return _engine_gone(model_id)
+            content = await engine_read(upstream)
+        except EngineUnavailable:
+            return _engine_gone(model)
         finally:
             accounting.close()
-        response = HttpResponse(content, status=upstream.status_code,
-                                content_type=client.content_type(upstream, "application/json"))
-        response["Content-Length"] = str(len(content))
+        response = HttpResponse(content, status=upstream.status,
+                                content_type=upstream.headers.get("Content-Type", "application/json"))
         _porten_headers(response, route)
         return response
-
-    try:
-        upstream = await client.send(request, stream=True)
-    except httpx.TransportError:
-        accounting.close()
-        return _engine_gone(model_id)
-    if upstream.status_code != 200:
-        content = await upstream.aread()
-        await upstream.aclose()
-        accounting.close()
-        response = HttpResponse(content, status=upstream.status_code,
-                                content_type=upstream.headers.get("content-type", "application/json"))
-        _porten_headers(response, route)
-        return response
-
-    response = PassThroughStream(_EngineStream(client, upstream, accounting), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
+    response = EventStream(_EngineStream(upstream, accounting))
     _porten_headers(response, route)
     return response
 
@@ -362,7 +295,7 @@ async def model_prewarm(model: CatalogModel) -> None:
     """Start loading a model someone picked in the playground, so the load overlaps with their
     typing. A pick counts as unmet demand, like a cold request. Raises PlacementError when the
     fleet cannot take it."""
-    if await _active(model, max_age_s=0) is not None:
+    if await _active_instances.fetch(model) is not None:
         return
     await record_demand(model.model_id, served=False)
     await _ensure(model)

@@ -3,7 +3,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.utils import timezone
 
-from fleet.engines.process import stop_all_engines
+from fleet.agent.engines.process import stop_all_engines
 from fleet.models import Instance, Phase
 
 

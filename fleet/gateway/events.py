@@ -3,14 +3,12 @@ event loop fans out to every coroutine waiting on that model."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import weakref
 from collections import defaultdict
 
+from fleet.live import WarmingState, events_channel
+from porten.loops import per_loop
 from porten.redis import aredis_client
-
-from .live import events_channel
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +20,7 @@ class ModelEvents:
 
     def __init__(self) -> None:
         self.waiters: dict[str, set[asyncio.Future]] = defaultdict(set)
-        self.latest: dict[str, dict] = {}   # the newest published state per model (progress included)
+        self.latest: dict[str, WarmingState] = {}   # the newest published state per model (progress included)
         self.task: asyncio.Task | None = None
         self.subscribed = asyncio.Event()
 
@@ -58,17 +56,11 @@ class ModelEvents:
                     pass
 
     def _wake(self, model_id: str, data: str | None) -> None:
-        state = None
-        if data:
-            try:
-                state = json.loads(data)
-            except ValueError:
-                state = None
+        state = WarmingState.from_json(data)
         if state is not None:
             previous = self.latest.get(model_id)
             self.latest[model_id] = state
-            if previous is not None and (previous.get("phase"), previous.get("instance")) == (
-                    state.get("phase"), state.get("instance")):
+            if previous is not None and (previous.phase, previous.instance) == (state.phase, state.instance):
                 # Progress within a phase only refreshes `latest`: a thousand waiters are not
                 # woken a few times a second to re-read the same answer.
                 return
@@ -88,7 +80,7 @@ class ModelEvents:
         self.waiters[model_id].add(future)
         return future
 
-    async def wait(self, model_id: str, future: asyncio.Future, timeout_s: float) -> dict | None:
+    async def wait(self, model_id: str, future: asyncio.Future, timeout_s: float) -> WarmingState | None:
         """The state that resolved `future`, or None after `timeout_s` (the caller then re-reads)."""
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=max(timeout_s, 0.0))
@@ -107,12 +99,6 @@ class ModelEvents:
                 self.waiters.pop(model_id, None)
 
 
-_per_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ModelEvents]" = weakref.WeakKeyDictionary()
-
-
 def model_events() -> ModelEvents:
-    loop = asyncio.get_running_loop()
-    events = _per_loop.get(loop)
-    if events is None:
-        events = _per_loop[loop] = ModelEvents()
-    return events
+    """This event loop's listener and waiters."""
+    return per_loop(ModelEvents)

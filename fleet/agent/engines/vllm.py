@@ -6,7 +6,7 @@ import math
 from fractions import Fraction
 from typing import ClassVar
 
-from fleet.engines.base import Engine, EngineLaunch
+from fleet.agent.engines.base import Engine, EngineLaunch
 
 MIN_GPU_MEMORY_UTILIZATION = Fraction(5, 100)
 MAX_GPU_MEMORY_UTILIZATION = Fraction(95, 100)

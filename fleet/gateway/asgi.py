@@ -1,0 +1,161 @@
+"""The /v1 token routes as a small ASGI application in front of Django's: a call runs its view with
+no middleware stack and no thread hop (the views check keys, sessions and CSRF themselves), and
+everything else goes to Django and Channels unchanged."""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.handlers.asgi import ASGIRequest
+from django.db import close_old_connections
+from django.http import HttpResponse, StreamingHttpResponse
+
+from porten.errors import error_response, invalid_request
+
+from .engine_client import close_engine_session
+
+logger = logging.getLogger(__name__)
+
+RECYCLE_CONNECTIONS_S = 5.0
+
+View = Callable[[ASGIRequest], Awaitable[HttpResponse]]
+
+
+class EventStream(StreamingHttpResponse):
+    """Server-sent events passed on as they come. `source` is the async iterator of byte parts,
+    with `aclose()`; the gateway app sends each part as it arrives and closes the source however
+    the answer ends (the client leaving included). Under Django's handler it is an ordinary
+    StreamingHttpResponse."""
+
+    def __init__(self, source: AsyncIterator[bytes], **kwargs) -> None:
+        super().__init__(source, content_type="text/event-stream", **kwargs)
+        self.source = source
+        self["Cache-Control"] = "no-cache"
+        self["X-Accel-Buffering"] = "no"
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def read_body(receive, limit: int) -> bytes:
+    parts, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        part = message.get("body", b"")
+        size += len(part)
+        if size > limit:
+            raise BodyTooLarge
+        parts.append(part)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def response_headers(response: HttpResponse) -> list[tuple[bytes, bytes]]:
+    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in response.items()]
+    headers += [(b"Set-Cookie", c.output(header="").strip().encode("latin-1")) for c in response.cookies.values()]
+    return headers
+
+
+class GatewayApp:
+    """ASGI: `routes` (path -> async view) served here, any other scope passed to `fallback`."""
+
+    def __init__(self, fallback, routes: dict[str, View]) -> None:
+        self.fallback, self.routes = fallback, routes
+        self.connections_checked_at = time.monotonic()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            return await self.lifespan(receive, send)
+        view = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if view is None:
+            return await self.fallback(scope, receive, send)
+        try:
+            body = await read_body(receive, settings.PORTEN_MAX_BODY_BYTES)
+        except ClientGone:
+            return
+        except BodyTooLarge:
+            return await send_response(too_large(), send)
+        request = ASGIRequest(scope, io.BytesIO(body))
+        # A client that leaves cancels the view, and so its engine request (as Django's handler does).
+        task = asyncio.current_task()
+        state = {"answered": False, "cancelled": False}
+
+        def on_receive(listener: asyncio.Task) -> None:
+            if listener.cancelled() or listener.exception() is not None or state["answered"]:
+                return
+            if listener.result()["type"] == "http.disconnect":
+                state["cancelled"] = True
+                task.cancel()
+
+        listener = asyncio.ensure_future(receive())
+        listener.add_done_callback(on_receive)
+        try:
+            try:
+                response = await view(request)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("%s %s failed", scope.get("method"), scope["path"])
+                response = error_response(500, "The server failed while handling this request.",
+                                          type="server_error", code="internal_error")
+            await send_response(response, send)
+        except asyncio.CancelledError:
+            if not state["cancelled"]:
+                raise  # the server is stopping
+            task.uncancel()  # the client went away: nothing is left to answer
+        finally:
+            state["answered"] = True
+            listener.cancel()
+        await self.recycle_connections()
+
+    async def lifespan(self, receive, send) -> None:
+        """ASGI lifespan: nothing to start; on shutdown, close the connections to engines."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await close_engine_session()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def recycle_connections(self) -> None:
+        # The async ORM's connection lives in asgiref's shared thread, and there is no request_finished
+        # here to recycle it: check it every few seconds.
+        now = time.monotonic()
+        if now - self.connections_checked_at >= RECYCLE_CONNECTIONS_S:
+            self.connections_checked_at = now
+            await sync_to_async(close_old_connections)()
+
+
+async def send_response(response: HttpResponse, send) -> None:
+    start = {"type": "http.response.start", "status": response.status_code, "headers": response_headers(response)}
+    if not isinstance(response, EventStream):
+        await send(start)
+        await send({"type": "http.response.body", "body": response.content})
+        return
+    source = response.source
+    try:
+        await send(start)
+        async for part in source:
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body"})
+    finally:
+        await source.aclose()
+
+
+def too_large() -> HttpResponse:
+    return invalid_request(f"The request body is larger than {settings.PORTEN_MAX_BODY_BYTES} bytes.",
+                           status=413, code="request_too_large")
