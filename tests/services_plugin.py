@@ -51,8 +51,9 @@ def pytest_load_initial_conftests(early_config, parser, args):
     os.environ["PORTEN_TEST_WORKDIR"] = str(workdir)
     os.environ["PORTEN_VAR_DIR"] = str(workdir / "var")
     os.environ["PORTEN_TEST_SQLITE_PATH"] = str(workdir / "test.sqlite3")
-    os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ["HF_HUB_DISABLE_XET"] = "1"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    os.environ.pop("HF_HUB_OFFLINE", None)
     os.environ.pop("DATABASE_URL", None)
     os.environ.pop("PORTEN_ENV", None)
     if os.environ.get("PORTEN_TEST_REDIS_URL"):

@@ -6,7 +6,7 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import aiohttp
@@ -41,8 +41,8 @@ class Route:
     instance_id: int
     base_url: str
     node: str
+    load_seconds: float | None = None  # placement to ready, shown on the answers that waited for it
     cold: bool = False
-    load_seconds: float | None = None
 
 
 class WarmupFailed(Exception):
@@ -52,11 +52,11 @@ class WarmupFailed(Exception):
 
 # --- per-process caches of the database's answers ------------------------------------------
 
-def _route_for(instance: Instance, *, cold: bool = False) -> Route:
+def _route_for(instance: Instance) -> Route:
     load_s = None
-    if cold and instance.ready_at and instance.created_at:
+    if instance.ready_at and instance.created_at:
         load_s = round((instance.ready_at - instance.created_at).total_seconds(), 3)
-    return Route(instance.pk, f"http://{instance.node.address}:{instance.port}", instance.node.name, cold=cold,
+    return Route(instance.pk, f"http://{instance.node.address}:{instance.port}", instance.node.name,
                  load_seconds=load_s)
 
 
@@ -192,8 +192,7 @@ async def _warm_step(model: CatalogModel, watched: Instance | None) -> Route | I
     # Shared by every waiter in this process: a wake-up of a thousand waiters costs one query.
     route = await ready_route(model, max_age_s=0.2)
     if route is not None:
-        instance = await Instance.objects.select_related("node").aget(pk=route.instance_id)
-        return _route_for(instance, cold=True)
+        return replace(route, cold=True)
     active = await _active_instances.get(model)
     if active is None and watched is not None:
         ended = await Instance.objects.aget(pk=watched.pk)

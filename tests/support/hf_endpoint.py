@@ -730,23 +730,22 @@ _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 @contextmanager
 def loopback_only_hf_client() -> Iterator[list[str]]:
-    """Make huggingface_hub (imported lazily) safe to use against an ``HFEndpoint`` for a while.
+    """Make sure huggingface_hub stays on the loopback while it talks to an ``HFEndpoint``.
 
-    * ``HF_HUB_DISABLE_XET`` on: no Xet, plain HTTP downloads.
-    * ``HF_HUB_DISABLE_TELEMETRY`` on: otherwise the first request of a process builds a user agent,
-      which fetches ``{constants.ENDPOINT}/api/agent-harnesses``, i.e. huggingface.co whatever
-      ``endpoint=`` says (huggingface_hub 2.4, utils/_detect_agent.py).
-    * ``HF_HUB_OFFLINE`` off: offline mode blocks requests to the local hub too.
-    * A request hook on the shared client refuses any request that is not to the loopback.
-
-    These module constants are read at import time, so they are patched, then restored on exit.
+    huggingface_hub reads its settings from the environment once, at import, so the test run sets
+    them before anything imports it (tests/services_plugin.py): ``HF_HUB_DISABLE_XET`` (plain HTTP
+    downloads), ``HF_HUB_DISABLE_TELEMETRY`` (otherwise the first request of a process fetches
+    ``{constants.ENDPOINT}/api/agent-harnesses``, huggingface.co whatever ``endpoint=`` says) and
+    no ``HF_HUB_OFFLINE`` (which blocks the local hub too). This checks they took, and adds a request
+    hook (httpx's public event hooks) to the shared client that refuses any request off the loopback.
     Yields the list of refused URLs; exiting raises ``AssertionError`` if it is not empty.
     """
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
-    saved = {name: getattr(constants, name) for name in ("HF_HUB_DISABLE_XET", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_OFFLINE")}
-    saved_env = os.environ.get("HF_HUB_DISABLE_XET")
+    wrong = [name for name, wanted in (("HF_HUB_DISABLE_XET", True), ("HF_HUB_DISABLE_TELEMETRY", True),
+                                       ("HF_HUB_OFFLINE", False)) if getattr(constants, name) != wanted]
+    assert not wrong, f"huggingface_hub was imported before the test run set {wrong} (tests/services_plugin.py)"
     refused: list[str] = []
 
     def loopback_only(request):
@@ -754,10 +753,6 @@ def loopback_only_hf_client() -> Iterator[list[str]]:
             refused.append(str(request.url))
             raise RuntimeError(f"huggingface_hub tried to reach {request.url} during a test")
 
-    constants.HF_HUB_DISABLE_XET = True
-    constants.HF_HUB_DISABLE_TELEMETRY = True
-    constants.HF_HUB_OFFLINE = False
-    os.environ["HF_HUB_DISABLE_XET"] = "1"
     session = get_session()
     saved_hooks = {k: list(v) for k, v in session.event_hooks.items()}
     session.event_hooks = {**saved_hooks, "request": [*saved_hooks.get("request", []), loopback_only]}
@@ -765,10 +760,4 @@ def loopback_only_hf_client() -> Iterator[list[str]]:
         yield refused
     finally:
         session.event_hooks = saved_hooks
-        for name, value in saved.items():
-            setattr(constants, name, value)
-        if saved_env is None:
-            os.environ.pop("HF_HUB_DISABLE_XET", None)
-        else:
-            os.environ["HF_HUB_DISABLE_XET"] = saved_env
     assert not refused, f"huggingface_hub left the loopback: {refused}"

@@ -110,17 +110,19 @@ def wait_until_healthy(
     proc: EngineProcess,
     *,
     timeout_s: float,
-    poll_s: float = 0.25,
+    poll_s: float = 0.02,
     should_abort: Callable[[], bool] | None = None,
+    abort_check_s: float = 0.5,
 ) -> float:
-    """Block until the engine answers its health check; returns the seconds waited.
-
-    Raises EngineStartError (with the log tail) if the process exits, if `should_abort` says so, or
-    if `timeout_s` passes; in the last two cases the engine is stopped first.
+    """Block until the engine answers its health check (asked every `poll_s`); returns the seconds
+    waited. Raises EngineStartError (with the log tail) if the process exits, if `should_abort`
+    (asked every `abort_check_s`) says so, or if `timeout_s` passes; in the last two cases the
+    engine is stopped first.
     """
     url = engine.health_url(launch)
     started = time.monotonic()
     deadline = started + timeout_s
+    abort_checked_at = started
     timeout = httpx.Timeout(2.0, connect=min(1.0, max(poll_s, 0.1)))
     with httpx.Client(timeout=timeout, trust_env=False) as client:
         while True:
@@ -134,12 +136,12 @@ def wait_until_healthy(
                 )
             if _answers(client, url):
                 return time.monotonic() - started
-            if should_abort is not None and should_abort():
-                stop_engine(proc.pid, grace_s=engine.stop_grace_s)
-                raise EngineStartError(
-                    f"{engine.name} start aborted", log_tail=log_tail(proc.log_path)
-                )
             now = time.monotonic()
+            if should_abort is not None and now - abort_checked_at >= abort_check_s:
+                abort_checked_at = now
+                if should_abort():
+                    stop_engine(proc.pid, grace_s=engine.stop_grace_s)
+                    raise EngineStartError(f"{engine.name} start aborted", log_tail=log_tail(proc.log_path))
             if now >= deadline:
                 stop_engine(proc.pid, grace_s=engine.stop_grace_s)
                 raise EngineStartError(
