@@ -17,10 +17,9 @@ request: unlike latency on a shared machine, it does not move with how the kerne
 schedule the processes.
 
 In each row the targets take turns (--rounds, 2 by default: direct, pipe, Porten, LiteLLM, then the
-reverse), each warming up before its turn, and each target's figures pool its turns:
-this machine's speed drifts by more than the 5 % the target is about, and a slow moment then falls
-on every target rather than on whichever was measured in it. --rounds 1 measures each target
-once, one after the other, as runs before 2026-11-30 did.
+reverse), each warming up before its turn, and each target's figures pool its turns, so that a
+slow moment of the machine falls on every target. --rounds 1 measures each target once, one after
+the other.
 
 Each table runs twice: with every process free to use every core, and with the proxy (the pipe,
 Porten, LiteLLM, measured one at a time) on a core of its own while the load generator and the engine share the rest; the second is
@@ -82,15 +81,9 @@ async def measure_row(targets: dict[str, tuple[str, str | None]], *, model: str,
                       requests: int, max_tokens: int, pids: dict[str, int], rounds: int) -> dict[str, dict]:
     """One row: `requests` per round for each target, the targets taking turns, in one order and
     then the reverse (direct, pipe, Porten, LiteLLM, then LiteLLM, Porten, pipe, direct...), each
-    over its own connections and after a few calls of its own to warm up (not counted). This
-    machine's speed drifts by more than the 5 % the target is about (straight to the stub engine,
-    one client's p50 read from 33.3 to 35.2 ms over one afternoon); measured one after the
-    other, each target had a moment of its own, and a slow one could land on any of them. The
-    warm-up before each turn matters: a target's second turn comes after the others' (up to 15 s
-    for LiteLLM's), and on this machine the first call after a quiet spell is slow for any process
-    (straight to the stub engine, one call after 2-13 s idle took 53-73 ms instead of 38), while
-    Porten's per-process caches (the key, the model, the route) have run out by then. Without it,
-    Porten's p99 at 32 clients read 52-79 ms."""
+    over its own connections and after a few calls of its own to warm up (not counted): a
+    target's second turn comes after the others', when the first call after a quiet spell is slow
+    for any process and Porten's per-process caches have run out (docs/performance.md)."""
     opened = {name: LoadClient() for name in targets}
     try:
         spread_s = 0.0  # the clients' starts spread over one answer straight from the engine (harness.load)

@@ -363,22 +363,11 @@ async def load(url: str, *, model: str, concurrency: int, requests: int, stream:
     `client` (a LoadClient) when given, else over connections of their own.
 
     Each client starts at a random moment within `spread_s` (pass about one answer's time), as
-    independent clients do. Started in the same instant, 32 clients stay in step: every answer
-    takes the same time, so their requests go on arriving in bursts of 32 and each waits for the
-    others ahead of it in the proxy. Through Porten that gave two modes in runs of the same code:
-    +0.9 or +2.6 to +3.3 ms added at the p50 (stub engine, 2 shared cores), and +0.9 to +1.5 ms in
-    all six runs with the starts spread over 35 ms.
-
-    The clients speak plain HTTP/1.1 keep-alive, the same for every target, each connection a bare
-    asyncio protocol that writes a request made once and reads its answer as it comes, with no
-    HTTP client library per request: on a 2-core machine the load generator shares the cores with
-    the engine and the proxy it measures, so its own CPU per request is kept as low as it goes.
-    Over httpx's default transport (httpcore) it was itself the bottleneck at 32 clients: straight
-    to the stub engine it measured a p50 of 48-50 ms and stalls of up to 1.5 s, where a bare asyncio
-    client saw 35 ms and at most 38 ms. Over httpx with Porten's engine transport (fleet.upstream),
-    as until 2026-12-06, it spent 0.36 ms of CPU per 16-token stream and 0.175 ms per plain answer
-    at 32 clients; as it is, 0.33 and 0.065 ms (a stream's cost is mostly the event loop's, once
-    per token)."""
+    independent clients do: started in the same instant, clients with equal answer times stay in
+    step and arrive in bursts. The clients speak plain HTTP/1.1 keep-alive, each connection a bare
+    asyncio protocol that writes a request made once and reads its answer as it comes, so that the
+    load generator's own CPU, shared with the engine and the proxy on a small machine, stays low
+    (docs/performance.md, "How the bench is built")."""
     if client is None:
         own = LoadClient()
         try:

@@ -14,10 +14,8 @@ straight to the stub to 33.4 ms through bench/byte_pipe.py, a relay doing no wor
 
 The stub is kept cheap, because on a small machine it shares the cores with the proxy it
 measures: each connection is a plain asyncio protocol, each token a timer that writes bytes made
-once per (route, model, length), with no task, stream reader or JSON encoding per token. Written
-with asyncio streams, a task per connection and a sleep and json.dumps per token, it spent
-0.34 ms of CPU per 16-token stream at 32 clients (0.99 ms on a slower day), about as much as the
-load generator; as it is, 0.155 ms (2026-12-06, straight from the load generator, 2,000 streams).
+once per (route, model, length), with no task, stream reader or JSON encoding per token
+(docs/performance.md, "How the bench is built").
 """
 from __future__ import annotations
 

@@ -200,8 +200,7 @@ def instances_restore_evicted(*, now_s: float | None = None) -> list[int]:
 
     It never evicts: a restored model only takes memory nobody uses, and like any model it unloads
     after a demand window without requests. A model unloaded for idleness is not restored, only
-    one pushed out while it still had demand. In bench/simulate.py this cut the user-seconds of
-    waiting by about 4 % on top of recency-weighted demand.
+    one pushed out while it still had demand (bench/simulate.py; docs/performance.md).
     """
     now_s = time.time() if now_s is None else now_s
     client = redis_client()

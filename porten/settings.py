@@ -202,9 +202,7 @@ PORTEN_WARMUP_BUDGET_MAX_S = env_float("PORTEN_WARMUP_BUDGET_MAX_S", 1800.0)
 PORTEN_DEMAND_WINDOW_S = env_float("PORTEN_DEMAND_WINDOW_S", 600.0)
 PORTEN_MIN_RESIDENCY_S = env_float("PORTEN_MIN_RESIDENCY_S", 120.0)
 PORTEN_DRAIN_DEADLINE_S = env_float("PORTEN_DRAIN_DEADLINE_S", 30.0)
-# 5 s rather than 10: fewer user-seconds of waiting in bench/simulate.py on each of the four sets
-# of simulated days tried (e.g. over the default 5 days, before the simulator's retry timing was
-# made the hub's: 28.6 % fewer than the better baseline against 24.0 %).
+# 5 s rather than 10: fewer user-seconds of waiting in bench/simulate.py (docs/performance.md).
 PORTEN_BUSY_AGING_S = env_float("PORTEN_BUSY_AGING_S", 5.0)
 PORTEN_IDLE_SWEEP_S = env_float("PORTEN_IDLE_SWEEP_S", 30.0)
 PORTEN_MAX_BODY_BYTES = env_int("PORTEN_MAX_BODY_BYTES", 4 * 1024 * 1024)

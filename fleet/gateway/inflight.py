@@ -24,7 +24,7 @@ TTL_S = 3600  # a crashed hub's counts do not pin an instance forever
 FLUSH_S = 0.05
 # Served counts feed demand (minute buckets) and the idle clock (a 10-minute window), and a count
 # that only grows or shrinks (32 in flight, then 31) changes nothing a reader decides: a second
-# late is fine, and one write a second instead of twenty frees the hub's loop.
+# late is fine, and one write a second leaves the hub's loop to the requests.
 SLOW_FLUSH_S = 1.0
 PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -65,8 +65,7 @@ class Tally:
             await self.wake.wait()
             # Gather a tick's changes before writing: at a steady load the count at each tick is
             # where Redis has it, so requests that come and go within a tick (one client sending
-            # short requests back to back, say) cost no write at all. A count is still in Redis
-            # within FLUSH_S of changing, as before.
+            # short requests back to back, say) cost no write at all.
             await asyncio.sleep(FLUSH_S)
             self.wake.clear()
             try:
@@ -75,8 +74,7 @@ class Tally:
                 logger.warning("could not write request tallies to Redis", exc_info=True)
             if (self.served or self.resized) and self.slow_timer is None:
                 # Still owed to Redis: come back when they are due (a count that changes brings
-                # the loop back sooner). Coming back every tick until then woke the hub twenty times
-                # in the second after its last request, each a loop wake-up and a look at the tally.
+                # the loop back sooner), not every tick until then.
                 due_in = SLOW_FLUSH_S - (time.monotonic() - self.slow_flushed_at) - FLUSH_S
                 self.slow_timer = asyncio.get_running_loop().call_later(max(0.0, due_in), self._slow_due)
 

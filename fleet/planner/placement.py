@@ -284,9 +284,9 @@ def _node_candidates(
 
     A victim must have less demand than the requested model, and its users must stand to lose
     less waiting than the requested model's users are losing: demand x reload seconds below the
-    requested model's demand x load seconds. Without the second rule, a model that takes 80 s
-    to load was evicted for one that takes 10 s whenever the small one was asked for slightly
-    more, and both sets of users waited (bench/simulate.py: 4 % more user-seconds of waiting).
+    requested model's demand x load seconds: otherwise a model that takes 80 s to load is evicted
+    for one that takes 10 s whenever the small one is asked for slightly more, and both sets of
+    users wait (bench/simulate.py; docs/performance.md).
     """
     get = demand_per_model.get
     out: list[Candidate] = []

@@ -55,8 +55,8 @@ class NodeState:
 def recency_weight(age_s: float, window_s: float) -> float:
     """How much one request `age_s` old counts in a demand window: 1 now, falling linearly to 0
     at the window's end. A model asked for a minute ago then outweighs one whose burst ended nine
-    minutes ago, instead of the two counting alike until the burst leaves the window (measured by
-    bench/simulate.py: about 7 % fewer user-seconds of waiting than flat counts)."""
+    minutes ago, instead of the two counting alike until the burst leaves the window
+    (bench/simulate.py; docs/performance.md)."""
     if window_s <= 0:
         return 0.0
     return min(1.0, max(0.0, 1.0 - age_s / window_s))
