@@ -23,6 +23,8 @@ setup: $(STAMP)
 run: setup
 	@bash scripts/run.sh
 
+# Two runs: everything on SQLite, as one machine runs, then the multi-node suite on PostgreSQL.
 test: setup
-	@bash scripts/system_deps.sh redis chromium
+	@bash scripts/system_deps.sh redis chromium postgres
 	$(PY) -m pytest
+	PORTEN_TEST_POSTGRES=1 $(PY) -m pytest tests/multinode

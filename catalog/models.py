@@ -4,7 +4,7 @@ from __future__ import annotations
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
 
 # Canonical ids are slugs that may carry a version dot, as model names do: "qwen2.5-coder-32b".
 MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$|^[a-z0-9]$"
@@ -29,6 +29,10 @@ class EngineName(models.TextChoices):
 ENGINE_FOR_FORMAT = {WeightFormat.GGUF: EngineName.LLAMACPP, WeightFormat.SAFETENSORS: EngineName.VLLM}
 
 CAPABILITIES = ("chat", "tools", "json", "vision")
+
+# Requests an engine serves at once by default: llama-cpp-python's server has one slot (the rest
+# wait inside it); vLLM batches many.
+ENGINE_SLOTS = {EngineName.LLAMACPP: 1, EngineName.VLLM: 32}
 
 
 class CatalogModel(models.Model):
@@ -73,6 +77,15 @@ class CatalogModel(models.Model):
     disk_mb = models.PositiveIntegerField("size on disk (MB)", validators=[MinValueValidator(1)])
 
     pinned = models.BooleanField(default=False, help_text="Never evicted to make room for another model.")
+    min_replicas = models.PositiveSmallIntegerField(
+        default=0, help_text="Replicas kept loaded at all times (loaded when nodes start, never idle-unloaded).")
+    max_replicas = models.PositiveSmallIntegerField(
+        default=1, validators=[MinValueValidator(1)],
+        help_text="At most this many replicas, on different nodes, added while each is busier than its target.")
+    target_inflight = models.PositiveSmallIntegerField(
+        "target requests per replica", null=True, blank=True, validators=[MinValueValidator(1)],
+        help_text="Concurrent requests one replica should carry; above it for a few seconds, another "
+                  "replica loads. Empty: the engine's parallel slots.")
     enabled = models.BooleanField(default=True, help_text="Offered to users through /v1.")
 
     created_at = models.DateTimeField(auto_now_add=True)
@@ -90,6 +103,8 @@ class CatalogModel(models.Model):
                 name="catalog_engine_matches_format",
             ),
             models.CheckConstraint(condition=~Q(hf_repo="") | ~Q(local_path=""), name="catalog_has_source"),
+            models.CheckConstraint(condition=Q(max_replicas__gte=1) & Q(min_replicas__lte=F("max_replicas")),
+                                   name="catalog_replicas_in_order"),
         ]
 
     def __str__(self) -> str:
@@ -108,8 +123,15 @@ class CatalogModel(models.Model):
             errors["hf_repo"] = "A Hugging Face repo id looks like 'org/name'."
         if not isinstance(self.hf_files, list) or not all(isinstance(f, str) and f for f in self.hf_files):
             errors["hf_files"] = "A list of file names or glob patterns."
+        if self.max_replicas is not None and self.min_replicas is not None and self.min_replicas > self.max_replicas:
+            errors["min_replicas"] = f"At most max_replicas ({self.max_replicas})."
         if errors:
             raise ValidationError(errors)
+
+    @property
+    def replica_target(self) -> int:
+        """Concurrent requests one replica should carry: the catalog's, else its engine's slots."""
+        return self.target_inflight or ENGINE_SLOTS.get(self.engine, 1)
 
     @property
     def capabilities(self) -> list[str]:

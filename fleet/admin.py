@@ -6,13 +6,28 @@ from catalog.admin import readable_mb
 
 from .models import Instance, Node
 from .dispatch import instance_enqueue_unload
+from .services import node_set_draining
 
 
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
-    list_display = ["name", "hostname", "has_gpu", "devices", "memory", "disk_free", "running", "last_heartbeat_at"]
+    list_display = ["name", "address", "hostname", "draining", "has_gpu", "devices", "memory", "disk_free", "running",
+                    "last_heartbeat_at"]
     readonly_fields = [f.name for f in Node._meta.fields]
     search_fields = ["name", "hostname"]
+    actions = ["drain", "undrain"]
+
+    @admin.action(description="Drain selected nodes (no new placements; their models move when requested)")
+    def drain(self, request, queryset):
+        for node in queryset:
+            node_set_draining(name=node.name, draining=True)
+        self.message_user(request, f"Draining {queryset.count()} node(s).")
+
+    @admin.action(description="Undrain selected nodes (take placements again)")
+    def undrain(self, request, queryset):
+        for node in queryset:
+            node_set_draining(name=node.name, draining=False)
+        self.message_user(request, f"{queryset.count()} node(s) take placements again.")
 
     @admin.display(description="devices")
     def devices(self, node: Node) -> str:

@@ -1,8 +1,16 @@
 """Nodes (machines with GPUs, or a CPU with a memory budget) and instances (a model placed on a node)."""
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
+
+
+def node_stale_s() -> float:
+    """A node whose last heartbeat is older than this is gone: with lost nodes swept every half
+    heartbeat (fleet.tasks), its instances are failed within three heartbeats of its last one."""
+    return 2.5 * settings.PORTEN_HEARTBEAT_S
 
 
 class Node(models.Model):
@@ -20,6 +28,9 @@ class Node(models.Model):
     # What the agent saw running at its last heartbeat: [{"instance", "pid"}].
     engines = models.JSONField(default=list, blank=True)
     agent_started_at = models.DateTimeField(null=True, blank=True)
+    agent_pid = models.PositiveIntegerField(null=True, blank=True, help_text="The node agent's process on `hostname`.")
+    draining = models.BooleanField(
+        default=False, help_text="No new placements here; its models move elsewhere when next requested.")
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
@@ -27,6 +38,11 @@ class Node(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def online(self) -> bool:
+        return self.last_heartbeat_at is not None and (
+            timezone.now() - self.last_heartbeat_at).total_seconds() <= node_stale_s()
 
     @property
     def memory_total_mb(self) -> int:
@@ -57,6 +73,7 @@ RESIDENT_PHASES = (Phase.QUEUED, Phase.DOWNLOADING, Phase.LOADING, Phase.READY, 
 
 class Instance(models.Model):
     model = models.ForeignKey("catalog.CatalogModel", on_delete=models.PROTECT, related_name="instances")
+    replica = models.PositiveSmallIntegerField(default=0, help_text="The model's replica slot this instance holds.")
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="instances")
     phase = models.CharField(max_length=20, choices=Phase.choices, default=Phase.QUEUED, db_index=True)
     gpu_indices = models.JSONField(default=list, blank=True)
@@ -84,10 +101,10 @@ class Instance(models.Model):
     class Meta:
         ordering = ["-created_at"]
         constraints = [
-            # Single flight across every hub process: one live instance per model in the fleet.
+            # Single flight across every hub process: one live instance per replica slot of a model.
             models.UniqueConstraint(
-                fields=["model"], condition=Q(phase__in=[p.value for p in ACTIVE_PHASES]),
-                name="fleet_one_active_instance_per_model",
+                fields=["model", "replica"], condition=Q(phase__in=[p.value for p in ACTIVE_PHASES]),
+                name="fleet_one_active_instance_per_replica",
             ),
         ]
 

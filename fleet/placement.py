@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from catalog.models import CatalogModel
@@ -17,8 +18,8 @@ from porten.redis import redis_client
 from . import planner
 from .demand import demand_recent, last_requests
 from .dispatch import instance_enqueue_load, instance_enqueue_unload
-from .live import instance_publish
-from .models import ACTIVE_PHASES, RESIDENT_PHASES, Instance, Node, Phase
+from .live import inflight_count, instance_publish
+from .models import ACTIVE_PHASES, RESIDENT_PHASES, Instance, Node, Phase, node_stale_s
 from .services import instance_fail_lost
 
 logger = logging.getLogger(__name__)
@@ -52,17 +53,14 @@ def placement_lock(timeout_s: float = 30.0):
             pass
 
 
-def node_stale_s() -> float:
-    return max(3 * settings.PORTEN_HEARTBEAT_S, 30.0)
-
-
 def node_online(node: Node) -> bool:
-    return node.last_heartbeat_at is not None and (
-        timezone.now() - node.last_heartbeat_at).total_seconds() <= node_stale_s()
+    return node.online
 
 
-def online_nodes() -> list[Node]:
-    return list(Node.objects.filter(last_heartbeat_at__gte=timezone.now() - timedelta(seconds=node_stale_s())))
+def online_nodes(*, placeable: bool = False) -> list[Node]:
+    """Nodes sending heartbeats; with `placeable`, only those taking new placements (not draining)."""
+    nodes = Node.objects.filter(last_heartbeat_at__gte=timezone.now() - timedelta(seconds=node_stale_s()))
+    return list(nodes.filter(draining=False) if placeable else nodes)
 
 
 def node_state(node: Node, resident: list[Instance]) -> planner.NodeState:
@@ -94,8 +92,8 @@ def node_state(node: Node, resident: list[Instance]) -> planner.NodeState:
     )
 
 
-def fleet_states() -> list[planner.NodeState]:
-    nodes = online_nodes()
+def fleet_states(*, placeable: bool = False) -> list[planner.NodeState]:
+    nodes = online_nodes(placeable=placeable)
     resident = list(Instance.objects.filter(node__in=nodes, phase__in=RESIDENT_PHASES).select_related("model"))
     return [node_state(node, [i for i in resident if i.node_id == node.pk]) for node in nodes]
 
@@ -107,19 +105,28 @@ def model_spec(model: CatalogModel) -> planner.ModelSpec:
                              load_s=past or DEFAULT_RELOAD_S)
 
 
+def live_instances(model: CatalogModel) -> list[Instance]:
+    """The model's live instances (its replicas), ready ones first. Those on a node that stopped
+    sending heartbeats are failed here, so a dead machine does not hold its models hostage."""
+    found = []
+    for instance in Instance.objects.filter(model=model, phase__in=ACTIVE_PHASES).select_related(
+            "node", "model").order_by("replica"):
+        if node_online(instance.node):
+            found.append(instance)
+        else:
+            instance_fail_lost(instance=instance, reason=f"node {instance.node.name} stopped sending heartbeats")
+    return sorted(found, key=lambda i: i.phase != Phase.READY)
+
+
 def active_instance(model: CatalogModel) -> Instance | None:
-    """The model's live instance. One on a node that stopped sending heartbeats is failed here, so
-    a dead machine does not hold its models hostage: the caller then places the model again."""
-    instance = Instance.objects.filter(model=model, phase__in=ACTIVE_PHASES).select_related("node", "model").first()
-    if instance is None or node_online(instance.node):
-        return instance
-    instance_fail_lost(instance=instance, reason=f"node {instance.node.name} stopped sending heartbeats")
-    return None
+    """The instance a request for the model waits on: a live one on a node that takes placements
+    (ready ones first), else None, also when the only live ones are on draining nodes."""
+    return next((i for i in live_instances(model) if not i.node.draining), None)
 
 
 def instance_ensure(*, model: CatalogModel) -> Instance:
-    """The model's live instance, placing (and evicting for) a new one when there is none.
-    Single flight: concurrent callers in any process get the same instance."""
+    """The model's live instance, placing (and evicting for) a new one when there is none on a node
+    that takes placements. Single flight: concurrent callers in any process get the same instance."""
     existing = active_instance(model)
     if existing is not None:
         return existing
@@ -127,18 +134,30 @@ def instance_ensure(*, model: CatalogModel) -> Instance:
         existing = active_instance(model)
         if existing is not None:
             return existing
-        states = fleet_states()
-        model_ids = sorted({model.model_id} | {i.model_id for s in states for i in s.instances})
-        demand = planner.Demand(per_model=demand_recent(model_ids))
-        started = time.perf_counter()
-        decision = planner.place(model_spec(model), states, demand, now_s=time.time(),
-                                 min_residency_s=settings.PORTEN_MIN_RESIDENCY_S)
-        logger.info("placement of %s in %.1f ms: %s", model.model_id, (time.perf_counter() - started) * 1000,
-                    decision.reason)
+        states = fleet_states(placeable=True)
+        decision = _decide(model, states, replica=False)
         if isinstance(decision, planner.NoPlacement):
             raise PlacementError("no_capacity" if decision.code == planner.NO_CAPACITY else "fleet_busy",
                                  decision.reason)
         return _apply(model, decision)
+
+
+def _decide(model: CatalogModel, states: list[planner.NodeState], *, replica: bool,
+            with_demand: bool = True) -> planner.Placement | planner.NoPlacement:
+    model_ids = sorted({model.model_id} | {i.model_id for s in states for i in s.instances})
+    demand = planner.Demand(per_model=demand_recent(model_ids)) if with_demand else planner.Demand()
+    started = time.perf_counter()
+    place = planner.place_replica if replica else planner.place
+    decision = place(model_spec(model), states, demand, now_s=time.time(),
+                     min_residency_s=settings.PORTEN_MIN_RESIDENCY_S)
+    logger.info("placement of %s%s in %.1f ms: %s", model.model_id, " (one more replica)" if replica else "",
+                (time.perf_counter() - started) * 1000, decision.reason)
+    return decision
+
+
+def _free_replica_slot(model: CatalogModel) -> int:
+    taken = set(Instance.objects.filter(model=model, phase__in=ACTIVE_PHASES).values_list("replica", flat=True))
+    return next(slot for slot in range(len(taken) + 1) if slot not in taken)
 
 
 def _apply(model: CatalogModel, decision: planner.Placement) -> Instance:
@@ -154,11 +173,12 @@ def _apply(model: CatalogModel, decision: planner.Placement) -> Instance:
             instance = Instance.objects.create(
                 model=model, node=node, phase=Phase.QUEUED, gpu_indices=list(decision.gpu_indices),
                 vram_mb=model.vram_mb, placement_reason=decision.reason, waits_for=[v.pk for v in victims],
+                replica=_free_replica_slot(model),
             )
             transaction.on_commit(lambda: [instance_enqueue_unload(v) for v in victims])
             transaction.on_commit(lambda: instance_enqueue_load(instance))
     except IntegrityError:
-        # Another hub process placed this model between our check and insert: use theirs.
+        # Another hub process placed this replica between our check and insert: use theirs.
         existing = active_instance(model)
         if existing is None:
             raise
@@ -182,8 +202,12 @@ def instances_unload_idle(*, now_s: float | None = None) -> list[int]:
     model_ids = sorted({i.model_id for s in states for i in s.instances})
     idle = planner.idle_instances(states, last_requests(model_ids), now_s=now_s,
                                   window_s=settings.PORTEN_DEMAND_WINDOW_S)
+    kept = _replicas_kept(model_ids)
     unloaded = []
     for _node_name, loaded in idle:
+        if kept.get(loaded.model_id, 0) > 0:
+            kept[loaded.model_id] -= 1  # one of the model's min_replicas: stays loaded
+            continue
         if Instance.objects.filter(pk=loaded.instance_id, phase=Phase.READY).update(
                 phase=Phase.DRAINING, updated_at=timezone.now()):
             instance = Instance.objects.select_related("model", "node").get(pk=loaded.instance_id)
@@ -216,7 +240,7 @@ def instances_restore_evicted(*, now_s: float | None = None) -> list[int]:
     order = sorted(models, key=lambda m: (-demand.get(m, 0.0), -last.get(m, 0.0)))[:RESTORE_PER_SWEEP]
     restored = []
     with placement_lock():
-        states = fleet_states()
+        states = fleet_states(placeable=True)
         for model_id in order:
             model = models[model_id]
             active = active_instance(model)
@@ -231,5 +255,122 @@ def instances_restore_evicted(*, now_s: float | None = None) -> list[int]:
             instance = _apply(model, replace(decision, reason="restored after eviction; " + decision.reason))
             logger.info("restoring %s: %s", model_id, instance.placement_reason)
             restored.append(instance.pk)
-            states = fleet_states()
+            states = fleet_states(placeable=True)
     return restored
+
+
+def _replicas_kept(model_ids: list[str]) -> dict[str, int]:
+    return dict(CatalogModel.objects.filter(model_id__in=model_ids, min_replicas__gt=0).values_list(
+        "model_id", "min_replicas"))
+
+
+def _unload(instance_id: int, why: str) -> bool:
+    """Ready -> draining (in-flight requests finish), then the node unloads it."""
+    if not Instance.objects.filter(pk=instance_id, phase=Phase.READY).update(
+            phase=Phase.DRAINING, updated_at=timezone.now()):
+        return False
+    instance = Instance.objects.select_related("model", "node").get(pk=instance_id)
+    instance_publish(instance)
+    instance_enqueue_unload(instance)
+    logger.info("unloading %s: %s", instance, why)
+    return True
+
+
+# --- nodes lost and drained -------------------------------------------------------------------
+
+def nodes_fail_lost() -> list[int]:
+    """Fail the live instances of nodes that stopped sending heartbeats (beat, every half heartbeat)."""
+    stale = timezone.now() - timedelta(seconds=node_stale_s())
+    lost = []
+    for instance in Instance.objects.filter(phase__in=ACTIVE_PHASES).exclude(
+            node__last_heartbeat_at__gte=stale).select_related("model", "node"):
+        instance_fail_lost(instance=instance, reason=f"node {instance.node.name} stopped sending heartbeats")
+        lost.append(instance.pk)
+    return lost
+
+
+def nodes_drain_sweep(*, idle_s: float | None = None) -> list[int]:
+    """Unload what a draining node still serves once its model is ready elsewhere, or once the model
+    had no request for `idle_s` (default: the drain deadline) and none is in flight on it."""
+    idle_s = settings.PORTEN_DRAIN_DEADLINE_S if idle_s is None else idle_s
+    on_drained = list(Instance.objects.filter(node__draining=True, phase=Phase.READY).select_related("model", "node"))
+    if not on_drained:
+        return []
+    last = last_requests(sorted({i.model.model_id for i in on_drained}))
+    ready_elsewhere = set(Instance.objects.filter(
+        phase=Phase.READY, node__draining=False, model__in=[i.model_id for i in on_drained],
+        node__last_heartbeat_at__gte=timezone.now() - timedelta(seconds=node_stale_s()),
+    ).values_list("model_id", flat=True))
+    now = time.time()
+    moved = []
+    for instance in on_drained:
+        if instance.model_id in ready_elsewhere:
+            why = f"node {instance.node.name} is draining and {instance.model.model_id} is ready elsewhere"
+        elif now - last.get(instance.model.model_id, 0.0) >= idle_s and inflight_count(instance.pk) == 0:
+            why = f"node {instance.node.name} is draining and {instance.model.model_id} is not in use"
+        else:
+            continue
+        if _unload(instance.pk, why):
+            moved.append(instance.pk)
+    return moved
+
+
+# --- replicas ---------------------------------------------------------------------------------
+
+SCALE_KEY = "porten:scale:{}:{}"  # (model id, "out" | "in") -> since when the model has been past its target
+
+
+def replicas_autoscale(*, now_s: float | None = None) -> dict[str, list[int]]:
+    """Keep each model's replicas between min_replicas and what its load needs (beat, every few
+    seconds). One more replica loads when the ready ones have carried more than their target of
+    requests in flight each for PORTEN_SCALE_OUT_AFTER_S, and none is warming already (so a burst
+    makes one load per step); one unloads when the others could carry the load at half their
+    target for a whole demand window; below min_replicas, one loads into free memory."""
+    now_s = time.time() if now_s is None else now_s
+    client = redis_client()
+    added, removed = [], []
+    for model in CatalogModel.objects.filter(enabled=True).filter(Q(max_replicas__gt=1) | Q(min_replicas__gt=0)):
+        live = [i for i in live_instances(model) if not i.node.draining]
+        ready = [i for i in live if i.phase == Phase.READY]
+        warming = [i for i in live if i.phase in (Phase.QUEUED, Phase.DOWNLOADING, Phase.LOADING)]
+        if len(live) < model.min_replicas and not warming:
+            if (instance := _add_replica(model, live, with_demand=False, why="below min_replicas")) is not None:
+                added.append(instance.pk)
+            continue
+        inflight = sum(inflight_count(i.pk) for i in ready)
+        target = model.replica_target
+        out_key, in_key = SCALE_KEY.format(model.model_id, "out"), SCALE_KEY.format(model.model_id, "in")
+        if ready and inflight > target * len(ready):
+            client.delete(in_key)
+            client.set(out_key, now_s, nx=True, ex=3600)
+            since = float(client.get(out_key) or now_s)
+            if now_s - since >= settings.PORTEN_SCALE_OUT_AFTER_S and not warming and len(live) < model.max_replicas:
+                why = f"{inflight} requests in flight on {len(ready)} replica(s), target {target} each"
+                if (instance := _add_replica(model, live, with_demand=True, why=why)) is not None:
+                    added.append(instance.pk)
+                    client.delete(out_key)
+            continue
+        client.delete(out_key)
+        keep = max(model.min_replicas, 1)
+        if len(ready) > keep and inflight * 2 <= target * (len(ready) - 1):
+            client.set(in_key, now_s, nx=True, ex=int(settings.PORTEN_DEMAND_WINDOW_S) + 3600)
+            if now_s - float(client.get(in_key) or now_s) >= settings.PORTEN_DEMAND_WINDOW_S:
+                newest = max(ready, key=lambda i: i.replica)
+                if _unload(newest.pk, f"{inflight} requests in flight: {len(ready) - 1} replica(s) carry them"):
+                    removed.append(newest.pk)
+                    client.delete(in_key)
+        else:
+            client.delete(in_key)
+    return {"added": added, "removed": removed}
+
+
+def _add_replica(model: CatalogModel, live: list[Instance], *, with_demand: bool, why: str) -> Instance | None:
+    with placement_lock():
+        states = fleet_states(placeable=True)
+        decision = _decide(model, states, replica=bool(live), with_demand=with_demand)
+        if isinstance(decision, planner.NoPlacement):
+            return None
+        try:
+            return _apply(model, replace(decision, reason=f"replica {len(live) + 1}: {why}; {decision.reason}"))
+        except IntegrityError:
+            return None

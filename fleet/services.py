@@ -1,4 +1,4 @@
-"""The hub's writes to fleet state: placing an instance, and failing one whose node is gone."""
+"""The hub's writes to fleet state: placing an instance, failing one whose node is gone, draining nodes."""
 from __future__ import annotations
 
 import logging
@@ -36,3 +36,17 @@ def instance_fail_lost(*, instance: Instance, reason: str) -> None:
         instance.phase, instance.last_error = Phase.FAILED, reason
         instance_publish(instance)
         logger.warning("%s failed: %s", instance, reason)
+
+
+class UnknownNode(Exception):
+    pass
+
+
+def node_set_draining(*, name: str, draining: bool) -> Node:
+    """Drain a node (no new placements; what it serves moves elsewhere when next requested, and
+    unloads once ready elsewhere or unused: fleet.placement.nodes_drain_sweep), or take it back."""
+    if not Node.objects.filter(name=name).update(draining=draining):
+        raise UnknownNode(f"no node named {name!r}")
+    node = Node.objects.get(name=name)
+    logger.info("node %s %s", name, "draining" if draining else "taking placements again")
+    return node

@@ -4,7 +4,9 @@ from __future__ import annotations
 from celery import shared_task
 from django.db import close_old_connections
 
-from .placement import instances_restore_evicted, instances_unload_idle
+from .placement import (
+    instances_restore_evicted, instances_unload_idle, nodes_drain_sweep, nodes_fail_lost, replicas_autoscale,
+)
 
 
 @shared_task
@@ -21,5 +23,32 @@ def restore_evicted_models() -> list[int]:
     """Bring models evicted for room back into memory that came free."""
     try:
         return instances_restore_evicted()
+    finally:
+        close_old_connections()
+
+
+@shared_task
+def fail_lost_nodes() -> list[int]:
+    """Fail the instances of nodes that stopped sending heartbeats."""
+    try:
+        return nodes_fail_lost()
+    finally:
+        close_old_connections()
+
+
+@shared_task
+def autoscale_replicas() -> dict[str, list[int]]:
+    """Add or remove replicas of models with max_replicas > 1 or min_replicas > 0."""
+    try:
+        return replicas_autoscale()
+    finally:
+        close_old_connections()
+
+
+@shared_task
+def move_off_draining_nodes() -> list[int]:
+    """Unload what draining nodes serve once it is ready elsewhere or unused."""
+    try:
+        return nodes_drain_sweep()
     finally:
         close_old_connections()

@@ -186,6 +186,10 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # --- Porten knobs -------------------------------------------------------------------------
 PORTEN_PORT = env_int("PORTEN_PORT", 8000)
 PORTEN_NODE_NAME = env_str("PORTEN_NODE_NAME", socket.gethostname().split(".")[0].lower() or "local")
+# The address the hub dials to reach this node's engines, and the one they listen on (a bind
+# address of 0.0.0.0 serves every interface, behind NAT say, while the hub dials the address).
+PORTEN_NODE_ADDRESS = env_str("PORTEN_NODE_ADDRESS", "127.0.0.1")
+PORTEN_ENGINE_BIND = env_str("PORTEN_ENGINE_BIND", PORTEN_NODE_ADDRESS)
 PORTEN_MODEL_DIR = Path(env_str("PORTEN_MODEL_DIR", str(VAR_DIR / "models")))
 PORTEN_ENGINE_LOG_DIR = Path(env_str("PORTEN_ENGINE_LOG_DIR", str(VAR_DIR / "logs" / "engines")))
 # CPU nodes have no NVML: their "VRAM" is a memory budget (0 = a share of this machine's RAM).
@@ -205,6 +209,8 @@ PORTEN_DRAIN_DEADLINE_S = env_float("PORTEN_DRAIN_DEADLINE_S", 30.0)
 # 5 s rather than 10: fewer user-seconds of waiting in bench/simulate.py (docs/performance.md).
 PORTEN_BUSY_AGING_S = env_float("PORTEN_BUSY_AGING_S", 5.0)
 PORTEN_IDLE_SWEEP_S = env_float("PORTEN_IDLE_SWEEP_S", 30.0)
+PORTEN_AUTOSCALE_S = env_float("PORTEN_AUTOSCALE_S", 2.0)  # how often replicas and draining nodes are looked at
+PORTEN_SCALE_OUT_AFTER_S = env_float("PORTEN_SCALE_OUT_AFTER_S", 4.0)  # busier than target this long: one more replica
 PORTEN_MAX_BODY_BYTES = env_int("PORTEN_MAX_BODY_BYTES", 4 * 1024 * 1024)
 PORTEN_PREWARM_ON_PICK = env_bool("PORTEN_PREWARM_ON_PICK", True)
 PORTEN_UPSTREAM_TIMEOUT_S = env_float("PORTEN_UPSTREAM_TIMEOUT_S", 600.0)
@@ -213,6 +219,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = PORTEN_MAX_BODY_BYTES
 CELERY_BEAT_SCHEDULE = {
     "unload-idle-instances": {"task": "fleet.tasks.unload_idle_instances", "schedule": PORTEN_IDLE_SWEEP_S},
     "restore-evicted-models": {"task": "fleet.tasks.restore_evicted_models", "schedule": PORTEN_IDLE_SWEEP_S},
+    "fail-lost-nodes": {"task": "fleet.tasks.fail_lost_nodes", "schedule": PORTEN_HEARTBEAT_S / 2},
+    "autoscale-replicas": {"task": "fleet.tasks.autoscale_replicas", "schedule": PORTEN_AUTOSCALE_S},
+    "move-off-draining-nodes": {"task": "fleet.tasks.move_off_draining_nodes", "schedule": PORTEN_AUTOSCALE_S},
 }
 
 LOGGING = {

@@ -16,6 +16,9 @@ from tests.services_plugin import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# The multi-node suite runs on PostgreSQL, in a run of its own (`make test` runs both).
+collect_ignore = [] if os.environ.get("PORTEN_TEST_POSTGRES") == "1" else ["multinode"]
+
 
 @pytest.fixture
 def api_key(db) -> str:
@@ -38,11 +41,12 @@ def service_env(**extra: str) -> dict[str, str]:
     from django.conf import settings
 
     env = dict(os.environ)
-    env.update(
-        DJANGO_SETTINGS_MODULE="porten.settings",
-        PORTEN_SQLITE_PATH=str(settings.DATABASES["default"]["NAME"]),
-        PYTHONUNBUFFERED="1",
-    )
+    database = settings.DATABASES["default"]
+    env.update(DJANGO_SETTINGS_MODULE="porten.settings", PYTHONUNBUFFERED="1")
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        env["PORTEN_SQLITE_PATH"] = str(database["NAME"])
+    else:  # the test database pytest-django made on the test run's PostgreSQL
+        env["DATABASE_URL"] = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
     env.update(extra)
     return env
 
@@ -121,3 +125,12 @@ def _no_engine_left_behind():
             leftovers.append((proc.pid, node))
             stop_engine(proc.pid, grace_s=2)
     assert not leftovers, f"engine processes left behind by the tests: {leftovers}"
+
+
+@pytest.fixture(autouse=True)
+async def _close_engine_connections():
+    """Each test has a loop of its own: close the engine connections the gateway opened on it."""
+    yield
+    from fleet.gateway.engine_client import close_engine_session
+
+    await close_engine_session()

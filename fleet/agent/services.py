@@ -67,13 +67,36 @@ def node_devices(*, node: Node | None = None) -> tuple[bool, list[dict]]:
     return False, [{"index": 0, "name": "cpu", "total_mb": budget, "free_mb": max(0, budget - used)}]
 
 
+class NodeNameTaken(Exception):
+    """Another agent is online under this node's name."""
+
+
+def node_name_taken(*, name: str) -> str | None:
+    """Why this process may not be the agent of node `name` (another agent serves it), else None.
+    An agent that stopped sending heartbeats, or whose process on this machine is gone, is replaced."""
+    node = Node.objects.filter(name=name).first()
+    if node is None or not node.online or node.agent_pid in (None, os.getpid()):
+        return None
+    here = socket.gethostname()
+    if node.hostname == here and not is_alive(node.agent_pid):
+        return None
+    age_s = (timezone.now() - node.last_heartbeat_at).total_seconds()
+    return (f"node {name} is already online: its agent (pid {node.agent_pid} on {node.hostname or 'an unknown host'}, "
+            f"address {node.address}) sent a heartbeat {age_s:.0f} s ago. Stop that agent first, or give this "
+            f"one another PORTEN_NODE_NAME.")
+
+
 @transaction.atomic
 def node_register(*, name: str) -> Node:
+    """This process becomes the agent of node `name`; raises NodeNameTaken if another one is online."""
     node, _ = Node.objects.select_for_update().get_or_create(name=name)
+    if (taken := node_name_taken(name=name)) is not None:
+        raise NodeNameTaken(taken)
+    node.agent_pid = os.getpid()
     node.has_gpu, node.gpus = node_devices(node=node)
     store = model_store()
     node.hostname = socket.gethostname()
-    node.address = os.environ.get("PORTEN_NODE_ADDRESS", "127.0.0.1")
+    node.address = settings.PORTEN_NODE_ADDRESS
     node.model_dir = str(store.root)
     node.disk_free_mb = store.disk_free_mb()
     node.models_on_disk = store.models_on_disk()
@@ -198,7 +221,8 @@ def _start_engine(instance: Instance, model_path: str) -> None:
     gpu = next((g for g in node.gpus if g.get("index") in instance.gpu_indices), {})
     launch = EngineLaunch(
         instance_id=instance.pk, node_name=node.name, served_model_name=model.model_id, model_path=Path(model_path),
-        context_length=model.context_length, port=free_port(), chat_format=model.chat_format,
+        context_length=model.context_length, port=_engine_port(), host=settings.PORTEN_ENGINE_BIND,
+        chat_format=model.chat_format,
         vram_mb=model.vram_mb, gpu_indices=tuple(instance.gpu_indices) if node.has_gpu else (),
         gpu_total_mb=int(gpu.get("total_mb", 0)),
     )
@@ -225,6 +249,15 @@ def _start_engine(instance: Instance, model_path: str) -> None:
     instance.phase, instance.load_seconds = Phase.READY, round(load_s, 3)
     instance_publish(instance)
     logger.info("%s ready on %s port %s after %.1f s", model.model_id, node.name, proc.port, load_s)
+
+
+def _engine_port() -> int:
+    try:
+        return free_port(settings.PORTEN_ENGINE_BIND)
+    except OSError as exc:
+        raise EngineStartError(
+            f"engines cannot listen on {settings.PORTEN_ENGINE_BIND} on this node ({exc.strerror}): "
+            "PORTEN_ENGINE_BIND (default PORTEN_NODE_ADDRESS) must be an address of this machine") from exc
 
 
 def _finish_abort(instance: Instance) -> None:

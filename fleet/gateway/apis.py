@@ -14,7 +14,7 @@ from porten.auth import authenticate_async, csrf_failure
 from porten.errors import error_response, invalid_request, model_not_found, unauthorized
 
 from .asgi import too_large
-from .warm import WarmupFailed, proxy, ready_route, record_demand, warm_route
+from .warm import WarmupFailed, move_soon, proxy, ready_route, record_demand, warm_route
 from .validation import BadRequest, validate_chat, validate_common, validate_completion, validate_limits
 
 BUDGET_HEADER = "HTTP_X_PORTEN_WARMUP_BUDGET"
@@ -70,6 +70,8 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
         return invalid_request(exc.message, param=exc.param)
 
     route = await ready_route(model)
+    if route is not None and route.node_draining:
+        move_soon(model)
     if route is not None:
         response = await proxy(route, path=path, payload=raw, stream=bool(body.get("stream")), model=model,
                                count_served=True)

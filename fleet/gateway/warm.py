@@ -1,6 +1,8 @@
 """The /v1 gateway's work: find or warm a model's engine within the request's budget, then proxy."""
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import math
 import random
@@ -18,8 +20,8 @@ from django.utils import timezone
 from catalog.models import CatalogModel
 from fleet.demand import demand_record
 from fleet.live import WarmingState, instance_state
-from fleet.models import ACTIVE_PHASES, Instance, Phase
-from fleet.placement import PlacementError, instance_ensure, node_online, node_stale_s
+from fleet.models import ACTIVE_PHASES, Instance, Phase, node_stale_s
+from fleet.placement import PlacementError, instance_ensure, node_online
 from porten.cache import Cache, once
 from porten.errors import error_response
 
@@ -43,12 +45,15 @@ class Route:
     node: str
     load_seconds: float | None = None  # placement to ready, shown on the answers that waited for it
     cold: bool = False
+    node_draining: bool = False  # serves until the model is ready elsewhere
 
 
 class WarmupFailed(Exception):
     def __init__(self, response: HttpResponse) -> None:
         self.response = response
 
+
+_turns = itertools.count()
 
 # --- per-process caches of the database's answers ------------------------------------------
 
@@ -57,31 +62,54 @@ def _route_for(instance: Instance) -> Route:
     if instance.ready_at and instance.created_at:
         load_s = round((instance.ready_at - instance.created_at).total_seconds(), 3)
     return Route(instance.pk, f"http://{instance.node.address}:{instance.port}", instance.node.name,
-                 load_seconds=load_s)
+                 load_seconds=load_s, node_draining=instance.node.draining)
 
 
-async def _ready_lookup(model: CatalogModel) -> Route | None:
-    instance = await Instance.objects.filter(
+async def _ready_lookup(model: CatalogModel) -> tuple[Route, ...] | None:
+    """The model's ready replicas on live nodes, those on draining nodes only if there is no other."""
+    routes = [_route_for(instance) async for instance in Instance.objects.filter(
         model=model, phase=Phase.READY,
         node__last_heartbeat_at__gte=timezone.now() - timedelta(seconds=node_stale_s()),
-    ).select_related("node").afirst()
-    return _route_for(instance) if instance is not None else None
+    ).select_related("node").order_by("replica")]
+    staying = tuple(r for r in routes if not r.node_draining)
+    return staying or tuple(routes) or None
 
 
 async def _active_lookup(model: CatalogModel) -> Instance | None:
-    return await Instance.objects.filter(model=model, phase__in=ACTIVE_PHASES).select_related("node").afirst()
+    return await Instance.objects.filter(model=model, phase__in=ACTIVE_PHASES, node__draining=False).select_related(
+        "node").order_by("replica").afirst()
 
 
 # Keyed by the model row (equal by primary key): a ready engine is reused for ROUTE_TTL_S, and a
 # live instance briefly, so a wake-up of a thousand waiters costs one query.
-_routes: Cache[CatalogModel, Route] = Cache("ready-route", _ready_lookup, ttl_s=ROUTE_TTL_S)
+_routes: Cache[CatalogModel, tuple[Route, ...]] = Cache("ready-routes", _ready_lookup, ttl_s=ROUTE_TTL_S)
 _active_instances: Cache[CatalogModel, Instance] = Cache("active-instance", _active_lookup, ttl_s=0.2,
                                                          stale_for_s=0.0)
 
 
 async def ready_route(model: CatalogModel, *, max_age_s: float | None = None) -> Route | None:
-    """The model's ready engine, from this process's cache (see porten.cache)."""
-    return await _routes.get(model, max_age_s=max_age_s)
+    """The ready replica to send the next request to (from this process's cache, porten.cache):
+    the one with the fewest requests in flight from this process, ties taken in turn."""
+    routes = await _routes.get(model, max_age_s=max_age_s)
+    if not routes:
+        return None
+    if len(routes) == 1:
+        return routes[0]
+    counts, turn = tally().inflight, next(_turns)
+    return min(enumerate(routes), key=lambda pair: (
+        counts.get(pair[1].instance_id, 0), (pair[0] - turn) % len(routes)))[1]
+
+
+def move_soon(model: CatalogModel) -> None:
+    """The model is served from a draining node: place it elsewhere (once per process at a time),
+    while the draining node goes on serving it until the new replica is ready."""
+    async def move() -> None:
+        try:
+            await _ensure(model)
+        except PlacementError as exc:
+            logger.info("%s stays on its draining node for now: %s", model.model_id, exc.reason)
+
+    asyncio.get_running_loop().create_task(move())
 
 
 def forget_route(model: CatalogModel) -> None:

@@ -5,6 +5,7 @@ from fleet.planner.placement import (
     freed_per_gpu_mb,
     idle_instances,
     place,
+    place_replica,
     share_mb,
     split_options,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "freed_per_gpu_mb",
     "idle_instances",
     "place",
+    "place_replica",
     "recency_weight",
     "share_mb",
     "split_options",

@@ -178,6 +178,24 @@ def place(
     return NoPlacement(BUSY, _busy_reason(model, wanted))
 
 
+def place_replica(
+    model: ModelSpec,
+    nodes: Sequence[NodeState],
+    demand: Demand,
+    *,
+    now_s: float,
+    min_residency_s: float = 120.0,
+    max_nodes_compared: int = MAX_NODES_COMPARED,
+) -> Placement | NoPlacement:
+    """One more replica of `model`, by `place`'s rules, on a node that holds none of it yet (so
+    replicas never share a node, and one never evicts another)."""
+    others = [n for n in nodes if all(i.model_id != model.model_id for i in n.instances)]
+    if not any(n.online for n in others):
+        return NoPlacement(BUSY, f"every online node already serves {model.model_id}")
+    return place(model, others, demand, now_s=now_s, min_residency_s=min_residency_s,
+                 max_nodes_compared=max_nodes_compared)
+
+
 def idle_instances(
     nodes: Sequence[NodeState],
     last_request_s: Mapping[str, float],

@@ -394,3 +394,37 @@ def test_split_over_many_gpus_is_legal_and_minimal(fleet, demand, vram):
         event(getattr(result, "code", "?"))
         assert isinstance(result, NoPlacement) and result.code in (BUSY, NO_CAPACITY)
         assert result.code == (BUSY if any(options(n, vram) for n in fleet) else NO_CAPACITY)
+
+
+# --- replicas ----------------------------------------------------------------------------
+
+
+@st.composite
+def fleets_serving_the_model(draw) -> list[NodeState]:
+    """Random fleets where some nodes already hold a replica of the requested model."""
+    nodes = draw(fleets())
+    out = []
+    for node in nodes:
+        if draw(st.booleans()):
+            replica = LoadedInstance(instance_id=10_000 + len(out), model_id=REQUESTED, vram_mb=100,
+                                     gpu_indices=(node.gpus[0].index,), evictable=draw(st.booleans()))
+            node = NodeState(name=node.name, gpus=node.gpus, instances=(*node.instances, replica),
+                             models_on_disk=node.models_on_disk, online=node.online)
+        out.append(node)
+    return out
+
+
+@SETTINGS
+@given(fleet=fleets_serving_the_model(), demand=demands, model=models)
+def test_a_replica_goes_where_the_model_is_not_legally_and_as_place_would_there(fleet, demand, model):
+    from fleet.planner import place_replica
+
+    result = place_replica(model, fleet, demand, now_s=NOW_S, min_residency_s=MIN_RESIDENCY_S)
+    holders = {n.name for n in fleet if any(i.model_id == model.model_id for i in n.instances)}
+    others = [n for n in fleet if n.name not in holders]
+    if isinstance(result, Placement):
+        assert result.node not in holders, "never a second replica on the same node"
+        assert all(v.model_id != model.model_id for v in result.evict), "a replica never evicts another"
+        check_legal(result, model, others, demand)  # never over capacity, never a busier or pinned victim
+    assert result == place(model, others, demand, now_s=NOW_S, min_residency_s=MIN_RESIDENCY_S) \
+        or (not any(n.online for n in others) and isinstance(result, NoPlacement))

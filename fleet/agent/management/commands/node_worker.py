@@ -6,8 +6,9 @@ import shutil
 import sys
 
 from django.conf import settings
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
+from fleet.agent.services import node_name_taken
 from fleet.agent.worker import AGENT_ENV
 from porten.celery import node_queue
 
@@ -22,6 +23,8 @@ class Command(BaseCommand):
 
     def handle(self, *args, hub: bool, concurrency: int, loglevel: str, **options):
         name = settings.PORTEN_NODE_NAME
+        if (taken := node_name_taken(name=name)) is not None:
+            raise CommandError(taken)
         queues = [node_queue(name)] + (["hub"] if hub else [])
         celery = shutil.which("celery", path=os.path.dirname(sys.executable)) or "celery"
         os.environ[AGENT_ENV] = "1"
