@@ -404,6 +404,50 @@ async def load(url: str, *, model: str, concurrency: int, requests: int, stream:
     return sample
 
 
+
+async def load_window(url: str, *, model: str, concurrency: int, ramp_s: float, window_s: float, stream: bool,
+                      api_key: str | None, max_tokens: int = 16, path: str = "/v1/chat/completions",
+                      spread_s: float = 0.0, client: LoadClient | None = None,
+                      timeout_s: float = 120) -> tuple[Sample, Sample]:
+    """`concurrency` clients, as in load, each sending requests back to back for `ramp_s` +
+    `window_s` seconds: (the requests started in the ramp, those started in the window). A client
+    finishes the request it has in flight when the time is up, so a window's count over `window_s`
+    is its throughput (the requests cut at its start make up for those finished after its end)."""
+    if client is None:
+        own = LoadClient()
+        try:
+            return await load_window(url, model=model, concurrency=concurrency, ramp_s=ramp_s, window_s=window_s,
+                                     stream=stream, api_key=api_key, max_tokens=max_tokens, path=path,
+                                     spread_s=spread_s, client=own, timeout_s=timeout_s)
+        finally:
+            await own.aclose()
+    ramp, window = Sample(), Sample()
+    body = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": max_tokens,
+            "stream": stream}
+    host, port, payload = _request(url, path, body, api_key)
+    begun = time.perf_counter()
+    window_from, ends = begun + ramp_s, begun + ramp_s + window_s
+
+    async def worker():
+        await asyncio.sleep(random.uniform(0, spread_s) if concurrency > 1 else 0)
+        while (started := time.perf_counter()) < ends:
+            sample = ramp if started < window_from else window
+            try:
+                status, first = await client.exchange(host, port, payload, timeout_s)
+            except (OSError, TimeoutError, ValueError, httpx.HTTPError) as exc:
+                sample.failed(type(exc).__name__)
+                continue
+            ended = time.perf_counter()
+            if status != 200:
+                sample.failed(f"HTTP {status}")
+                continue
+            if stream:
+                sample.ttft_s.append((first or ended) - started)
+            sample.latencies_s.append(ended - started)
+
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    return ramp, window
+
 def summary(sample: Sample) -> dict:
     return {
         "n": len(sample.latencies_s), "errors": sample.errors, "failures": dict(sample.failures),

@@ -1,8 +1,12 @@
 """A fast, deterministic OpenAI-compatible engine for benchmarks that must measure Porten alone.
 
-python bench/stub_engine.py --port 9100 --token-delay-ms 2 --tokens 16
+python bench/stub_engine.py --port 9100 --token-delay-ms 2 --tokens 16 [--host H] [--slots N]
 Answers GET /v1/models, GET /health, POST /v1/chat/completions and /v1/completions (stream or not)
 with the same tokens every time, spaced by a fixed delay, over HTTP/1.1 keep-alive.
+
+With --slots N it generates at most N answers at once, as llama.cpp's parallel slots do: a
+completion beyond them waits inside the stub, in arrival order, and its token clock starts when
+it gets a slot. Without it, every request is answered at once.
 
 A streamed answer's tokens are due on a clock that starts when the request is read (the n-th
 token n delays after it), as a real engine's are: its generation runs on the accelerator or in its own thread,
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import time
 
@@ -83,25 +88,56 @@ MODELS = _json_answer({"object": "list", "data": [{"id": "stub", "object": "mode
 BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\nnot JSON body"
 
 
+class Slots:
+    """At most `size` completions generated at once; the connections beyond wait in arrival order."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.busy = size, 0
+        self.waiting: collections.deque[StubConnection] = collections.deque()
+
+    def take(self, conn: "StubConnection") -> None:
+        if self.busy < self.size:
+            self.busy += 1
+            conn.generate()
+        else:
+            self.waiting.append(conn)
+
+    def give_back(self) -> None:
+        """A slot is free: hand it to the first waiter still connected, else keep it free."""
+        while self.waiting:
+            conn = self.waiting.popleft()
+            if not conn.lost:
+                conn.generate()
+                return
+        self.busy -= 1
+
+
 class StubConnection(asyncio.Protocol):
     """One client connection: requests one at a time (a request that comes while an answer is still
     going out waits for it), each answered on timers."""
 
-    def __init__(self, answers: Answers, token_delay_s: float) -> None:
-        self.answers, self.token_delay_s = answers, token_delay_s
+    def __init__(self, answers: Answers, token_delay_s: float, slots: Slots | None = None) -> None:
+        self.answers, self.token_delay_s, self.slots = answers, token_delay_s, slots
         self.loop = asyncio.get_running_loop()
         self.buffer = b""
         self.transport = None
         self.busy = False
+        self.lost = False
+        self.holding = False  # this connection's completion has one of the slots
+        self.pending: tuple[str, dict] | None = None  # a completion waiting for a slot
         self.timers: list[asyncio.TimerHandle] = []
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def connection_lost(self, exc) -> None:
+        self.lost = True
         for timer in self.timers:
             timer.cancel()
         self.timers = []
+        if self.holding:
+            self.holding = False
+            self.slots.give_back()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -137,6 +173,15 @@ class StubConnection(asyncio.Protocol):
             request = json.loads(body or b"{}")
         except ValueError:
             return self._finish(BAD_REQUEST)
+        self.pending = (path, request)
+        if self.slots is None:
+            return self.generate()
+        self.slots.take(self)
+
+    def generate(self) -> None:
+        """Answer the pending completion on timers (it has a slot, or there are no slots)."""
+        (path, request), self.pending = self.pending, None
+        self.holding = self.slots is not None
         chat, model, count = path.endswith("/chat/completions"), request.get("model"), self.answers.count(request)
         if not request.get("stream"):
             answer = self.answers.whole(chat, model, count)
@@ -152,14 +197,20 @@ class StubConnection(asyncio.Protocol):
     def _finish(self, data: bytes) -> None:
         self.transport.write(data)
         self.timers, self.busy = [], False
+        if self.holding:
+            self.holding = False
+            self.slots.give_back()
         if self.buffer:
             self._next()
 
 
-async def serve(port: int, tokens: int, token_delay_s: float) -> None:
+async def serve(port: int, tokens: int, token_delay_s: float, *, host: str = "127.0.0.1",
+                slots: int | None = None) -> None:
     answers = Answers(tokens)
+    shared_slots = Slots(slots) if slots else None
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: StubConnection(answers, token_delay_s), "127.0.0.1", port, backlog=2048)
+    server = await loop.create_server(lambda: StubConnection(answers, token_delay_s, shared_slots), host, port,
+                                      backlog=2048)
     async with server:
         await server.serve_forever()
 
@@ -169,5 +220,7 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--token-delay-ms", type=float, default=2.0)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--slots", type=int, default=None, help="completions generated at once (default: no cap)")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.tokens, args.token_delay_ms / 1000))
+    asyncio.run(serve(args.port, args.tokens, args.token_delay_ms / 1000, host=args.host, slots=args.slots))

@@ -35,3 +35,13 @@ async def model_warming_state(model) -> WarmingState:
     if state.phase != Phase.FAILED and state.error:
         state = replace(state, error="")
     return state.public()
+
+
+async def model_replicas(model) -> list[dict]:
+    """Each live replica of the model: its node, public phase and download progress."""
+    replicas = []
+    async for instance in Instance.objects.filter(model=model, phase__in=ACTIVE_PHASES).select_related(
+            "model", "node").order_by("replica"):
+        state = instance_state(instance).public().as_dict()
+        replicas.append({key: state[key] for key in ("node", "phase", "pct", "instance")})
+    return replicas

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 from pathlib import Path
@@ -190,6 +191,10 @@ PORTEN_NODE_NAME = env_str("PORTEN_NODE_NAME", socket.gethostname().split(".")[0
 # address of 0.0.0.0 serves every interface, behind NAT say, while the hub dials the address).
 PORTEN_NODE_ADDRESS = env_str("PORTEN_NODE_ADDRESS", "127.0.0.1")
 PORTEN_ENGINE_BIND = env_str("PORTEN_ENGINE_BIND", PORTEN_NODE_ADDRESS)
+# Ports engines may listen on, "FIRST-LAST" (for a firewall between hub and nodes); empty: any free port.
+PORTEN_ENGINE_PORTS = env_str("PORTEN_ENGINE_PORTS", "")
+if PORTEN_ENGINE_PORTS and not re.fullmatch(r"\d{1,5}(-\d{1,5})?", PORTEN_ENGINE_PORTS):
+    raise ImproperlyConfigured(f"PORTEN_ENGINE_PORTS must look like 30000-30099, got {PORTEN_ENGINE_PORTS!r}")
 PORTEN_MODEL_DIR = Path(env_str("PORTEN_MODEL_DIR", str(VAR_DIR / "models")))
 PORTEN_ENGINE_LOG_DIR = Path(env_str("PORTEN_ENGINE_LOG_DIR", str(VAR_DIR / "logs" / "engines")))
 # CPU nodes have no NVML: their "VRAM" is a memory budget (0 = a share of this machine's RAM).

@@ -2,6 +2,7 @@
 instances placed on it, and reconciling and supervising its engines."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -252,12 +253,23 @@ def _start_engine(instance: Instance, model_path: str) -> None:
 
 
 def _engine_port() -> int:
-    try:
-        return free_port(settings.PORTEN_ENGINE_BIND)
-    except OSError as exc:
+    """A free port on the engine bind address, within PORTEN_ENGINE_PORTS when set."""
+    bind, ports = settings.PORTEN_ENGINE_BIND, settings.PORTEN_ENGINE_PORTS
+    first, _, last = ports.partition("-")
+    candidates = range(int(first), int(last or first) + 1) if ports else [0]
+    error: OSError | None = None
+    for port in candidates:
+        try:
+            return free_port(bind, port)
+        except OSError as exc:
+            error = exc
+            if exc.errno == errno.EADDRNOTAVAIL:
+                break
+    if error is not None and error.errno == errno.EADDRNOTAVAIL:
         raise EngineStartError(
-            f"engines cannot listen on {settings.PORTEN_ENGINE_BIND} on this node ({exc.strerror}): "
-            "PORTEN_ENGINE_BIND (default PORTEN_NODE_ADDRESS) must be an address of this machine") from exc
+            f"engines cannot listen on {bind} on this node ({error.strerror}): "
+            "PORTEN_ENGINE_BIND (default PORTEN_NODE_ADDRESS) must be an address of this machine") from error
+    raise EngineStartError(f"no free port for an engine on {bind} in PORTEN_ENGINE_PORTS={ports}") from error
 
 
 def _finish_abort(instance: Instance) -> None:

@@ -9,7 +9,7 @@ from django.http import HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from catalog.selectors import offered_model_aget
-from fleet.selectors import model_warming_state
+from fleet.selectors import model_replicas, model_warming_state
 from porten.auth import authenticate_async, csrf_failure
 from porten.errors import error_response, invalid_request, model_not_found, unauthorized
 
@@ -113,7 +113,7 @@ async def warming(request) -> HttpResponse:
     if model is None:
         return model_not_found(model_id)
     state = await model_warming_state(model)
-    return JsonResponse(state.as_dict())
+    return JsonResponse({**state.as_dict(), "replicas": await model_replicas(model)})
 
 
 async def v1_not_found(request, rest: str = "") -> HttpResponse:

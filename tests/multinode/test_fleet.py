@@ -176,6 +176,9 @@ def test_a_hot_model_gains_one_replica_per_step_spreads_its_requests_and_sheds_t
     for before, after in zip(ready, ready[1:]):
         assert after.created_at >= before.ready_at, "one extra load per step: the next waited for the last"
     assert len(nodes_seen) >= 2, nodes_seen
+    shown = httpx.get(fleet.hub_url + "/public/v1/models/warming", params={"model": "fleet-hot"}).json()
+    assert sorted(r["node"] for r in shown["replicas"]) == sorted(live_on("fleet-hot"))
+    assert {r["phase"] for r in shown["replicas"]} == {"ready"}
     # Quiet now: past a demand window at low load, a replica goes.
     eventually(lambda: len(live_on("fleet-hot")) < 3, timeout_s=20 + 15, every_s=1, what="a replica unloaded")
 

@@ -55,11 +55,12 @@ class EngineStartError(Exception):
         super().__init__(message)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the engine binds it a moment later)."""
+def free_port(host: str = "127.0.0.1", port: int = 0) -> int:
+    """A TCP port nobody listens on right now (the engine binds it a moment later): `port` if it is
+    free, any free one for 0. Raises OSError when the port is taken or `host` is not this machine's."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
+        sock.bind((host, port))
         return sock.getsockname()[1]
 
 
