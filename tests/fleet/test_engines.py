@@ -88,6 +88,7 @@ def test_llamacpp_python_server_command_on_cpu():
         "--port", "8101",
         "--n_ctx", "512",
         "--model_alias", "gemma-3-270m",
+        "--logits_all", "false",
         "--chat_format", "gemma",
         "--n_threads", "2",
     ]

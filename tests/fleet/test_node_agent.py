@@ -26,8 +26,9 @@ GEMMA_BYTES = 253_113_024
 
 def gemma_model(repo: str = GEMMA_REPO, model_id: str = "gemma-test", **fields) -> CatalogModel:
     CatalogModel.objects.filter(model_id=model_id).delete()
+    fields = {"context_length": 512, "vram_mb": 1024, **fields}
     return CatalogModelFactory(model_id=model_id, hf_repo=repo, hf_files=["*.gguf", "*.bin"], chat_format="gemma",
-                               context_length=512, vram_mb=1024, **fields)
+                               **fields)
 
 
 def chat(instance: Instance) -> str:
@@ -161,3 +162,21 @@ def test_restarted_worker_adopts_its_ready_engine(node_worker, hf):
     assert instance.phase == Phase.READY
     assert find_engine_processes(node_worker.name) == {instance.pk: instance.pid}
     assert chat(instance).strip()
+
+
+def test_a_long_context_load_stays_within_its_footprint(node_worker, hf):
+    """Gemma 3 270M with a 32,768-token context: weights, KV cache and buffers stay under the
+    footprint the planner reserves, after load and after a request (llama-cpp-python's default
+    logits_all would ask for 32 GiB here and die)."""
+    import psutil
+
+    footprint_mb = 2048
+    model = gemma_model(model_id="gemma-32k", context_length=32768, vram_mb=footprint_mb)
+    instance = instance_create(model=model, node=Node.objects.get(name=node_worker.name))
+    instance = wait_for_phase(instance.pk, {Phase.READY, Phase.FAILED})
+    assert instance.phase == Phase.READY, instance.last_error
+    engine = psutil.Process(instance.pid)
+    after_load_mb = engine.memory_info().rss / 2**20
+    assert chat(instance).strip() is not None
+    after_request_mb = engine.memory_info().rss / 2**20
+    assert after_load_mb <= footprint_mb and after_request_mb <= footprint_mb, (after_load_mb, after_request_mb)

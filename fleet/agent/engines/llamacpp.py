@@ -26,6 +26,9 @@ class LlamaCppEngine(Engine):
             "--port", str(launch.port),
             "--n_ctx", str(launch.context_length),
             "--model_alias", launch.served_model_name,
+            # Its default, on, keeps a float per context position and vocabulary entry (32 GiB for
+            # Gemma at 32k): no footprint counts that, and Porten asks for no logprobs.
+            "--logits_all", "false",
         ]
         if launch.chat_format:
             # Models without a chat template otherwise fall back to llama-2 format and answer nothing.
