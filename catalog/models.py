@@ -30,9 +30,9 @@ ENGINE_FOR_FORMAT = {WeightFormat.GGUF: EngineName.LLAMACPP, WeightFormat.SAFETE
 
 CAPABILITIES = ("chat", "tools", "json", "vision")
 
-# Requests an engine serves at once by default: llama-cpp-python's server has one slot (the rest
-# wait inside it); vLLM batches many.
-ENGINE_SLOTS = {EngineName.LLAMACPP: 1, EngineName.VLLM: 32}
+# Requests an engine serves at once: llama-cpp-python's server has one slot; vLLM batches up to its
+# max_num_seqs (256 by default). The gateway holds each engine to this, queueing the rest.
+ENGINE_SLOTS = {EngineName.LLAMACPP: 1, EngineName.VLLM: 256}
 
 
 class CatalogModel(models.Model):
@@ -129,9 +129,13 @@ class CatalogModel(models.Model):
             raise ValidationError(errors)
 
     @property
+    def engine_slots(self) -> int:
+        return ENGINE_SLOTS.get(self.engine, 1)
+
+    @property
     def replica_target(self) -> int:
         """Concurrent requests one replica should carry: the catalog's, else its engine's slots."""
-        return self.target_inflight or ENGINE_SLOTS.get(self.engine, 1)
+        return self.target_inflight or self.engine_slots
 
     @property
     def capabilities(self) -> list[str]:

@@ -24,6 +24,7 @@ from fleet.models import ACTIVE_PHASES, Instance, Phase, node_stale_s
 from fleet.placement import PlacementError, instance_ensure, node_online
 from porten.cache import Cache, once
 from porten.errors import error_response
+from porten.loops import per_loop
 
 from .asgi import EventStream
 from .engine_client import EngineUnavailable, engine_post, engine_read
@@ -244,8 +245,10 @@ async def _warm_step(model: CatalogModel, watched: Instance | None) -> Route | I
 
 # --- proxying ---------------------------------------------------------------------------------
 
-def _porten_headers(response: HttpResponse, route: Route) -> None:
+def _porten_headers(response: HttpResponse, route: Route, queued_s: float = 0.0) -> None:
     response["X-Porten-Cold-Start"] = "true" if route.cold else "false"
+    if queued_s:
+        response["X-Porten-Queue-Seconds"] = f"{queued_s:.3f}"
     response["X-Porten-Node"] = route.node
     if route.cold and route.load_seconds is not None:
         response["X-Porten-Load-Seconds"] = f"{route.load_seconds:.3f}"
@@ -257,16 +260,37 @@ def _engine_gone(model: CatalogModel) -> HttpResponse:
                           type="server_error", code="engine_unavailable")
 
 
+def _engine_gates() -> dict[int, asyncio.Semaphore]:
+    return {}
+
+
 class _Accounting:
-    """One request in flight on an instance (and, for a warm hit, one served request)."""
+    """One request in flight on an instance (and, for a warm hit, one served request), holding one
+    of the engine's slots: `enter` waits, in arrival order, while this process already has as many
+    requests on the engine as it serves at once."""
 
     def __init__(self, instance_id: int, served_model_id: str | None) -> None:
-        self.instance_id, self.open = instance_id, True
-        tally().enter(instance_id, served_model_id)
+        self.instance_id, self.open, self.gate, self.queued_s = instance_id, False, None, 0.0
+        self.served_model_id = served_model_id
+
+    async def enter(self, slots: int) -> None:
+        gates = per_loop(_engine_gates)
+        self.gate = gates.get(self.instance_id)
+        if self.gate is None:
+            self.gate = gates[self.instance_id] = asyncio.Semaphore(slots)
+        if self.gate.locked():
+            started = time.monotonic()
+            await self.gate.acquire()
+            self.queued_s = time.monotonic() - started
+        else:
+            await self.gate.acquire()
+        self.open = True
+        tally().enter(self.instance_id, self.served_model_id)
 
     def close(self) -> None:
         if self.open:
             self.open = False
+            self.gate.release()
             tally().leave(self.instance_id)
 
 
@@ -297,11 +321,15 @@ async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model:
     """Forward the caller's (validated) body to the engine as it came. With `count_served`, the
     request also counts as served demand."""
     accounting = _Accounting(route.instance_id, model.model_id if count_served else None)
+    await accounting.enter(model.engine_slots)
     try:
         upstream = await engine_post(route.base_url + path, payload)
     except EngineUnavailable:
         accounting.close()
         return _engine_gone(model)
+    except BaseException:  # cancelled (the client left): the slot goes to the next in line
+        accounting.close()
+        raise
     if not stream or upstream.status != 200:
         try:
             content = await engine_read(upstream)
@@ -311,10 +339,10 @@ async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model:
             accounting.close()
         response = HttpResponse(content, status=upstream.status,
                                 content_type=upstream.headers.get("Content-Type", "application/json"))
-        _porten_headers(response, route)
+        _porten_headers(response, route, accounting.queued_s)
         return response
     response = EventStream(_EngineStream(upstream, accounting))
-    _porten_headers(response, route)
+    _porten_headers(response, route, accounting.queued_s)
     return response
 
 

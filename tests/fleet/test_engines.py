@@ -89,6 +89,7 @@ def test_llamacpp_python_server_command_on_cpu():
         "--n_ctx", "512",
         "--model_alias", "gemma-3-270m",
         "--logits_all", "false",
+        "--interrupt_requests", "false",
         "--chat_format", "gemma",
         "--n_threads", "2",
     ]

@@ -3,6 +3,7 @@ huggingface_hub against the local endpoint, and a real llama.cpp engine."""
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 
@@ -176,3 +177,35 @@ def test_warming_endpoint_follows_a_load_without_a_key(live_hub, api_key, node_w
     assert len(downloading) >= 3 and downloading == sorted(downloading) and downloading[-1] > downloading[0]
     assert httpx.get(url, params={"model": "nope"}).status_code == 404
     assert httpx.get(url).status_code == 400
+
+
+def test_sixteen_concurrent_requests_to_a_one_slot_engine_all_come_back_whole(live_hub, api_key, node_worker, hf):
+    offered("gemma-busy")
+    url, headers = live_hub.url + "/v1/chat/completions", {"Authorization": f"Bearer {api_key}"}
+    body = {"model": "gemma-busy", "messages": HELLO, "max_tokens": 12, "temperature": 0.8}
+    assert httpx.post(url, headers=headers, json=body, timeout=180).status_code == 200  # warm
+
+    async def streamed(http):
+        async with http.stream("POST", url, headers=headers, json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            events = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
+            return response.headers, events
+
+    async def plain(http):
+        response = await http.post(url, headers=headers, json=body)
+        return response.headers, response.json()
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=300) as http:
+            return await asyncio.gather(*[streamed(http) for _ in range(8)], *[plain(http) for _ in range(8)])
+
+    answers = asyncio.run(burst())
+    for _, events in answers[:8]:
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks).strip(), "content streamed"
+        assert chunks[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
+    for _, reply in answers[8:]:
+        assert reply["choices"][0]["message"]["content"].strip()
+        assert reply["choices"][0]["finish_reason"] in {"stop", "length"}
+    assert sum("x-porten-queue-seconds" in h for h, _ in answers) >= 8, "the hub queued what the engine cannot serve"

@@ -29,6 +29,9 @@ class LlamaCppEngine(Engine):
             # Its default, on, keeps a float per context position and vocabulary entry (32 GiB for
             # Gemma at 32k): no footprint counts that, and Porten asks for no logprobs.
             "--logits_all", "false",
+            # Its default cuts the running stream short (a bare [DONE]) whenever another request
+            # arrives; off, requests wait their turn inside the server.
+            "--interrupt_requests", "false",
         ]
         if launch.chat_format:
             # Models without a chat template otherwise fall back to llama-2 format and answer nothing.
