@@ -14,8 +14,10 @@ from porten.auth import authenticate_async, csrf_failure
 from porten.errors import error_response, invalid_request, model_not_found, unauthorized
 
 from .asgi import too_large
-from .warm import WarmupFailed, move_soon, proxy, ready_route, record_demand, warm_route
-from .validation import BadRequest, validate_chat, validate_common, validate_completion, validate_limits
+from .validation import BadRequest, adapt, validate_chat, validate_common, validate_completion, validate_limits
+from .warm import (
+    EngineGone, WarmupFailed, engine_unavailable, move_soon, proxy, ready_route, record_demand, warm_route,
+)
 
 BUDGET_HEADER = "HTTP_X_PORTEN_WARMUP_BUDGET"
 
@@ -66,24 +68,28 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
         return model_not_found(model_id)
     try:
         validate_limits(body, context_length=model.context_length)
+        if adapt(body, engine=model.engine):
+            raw = json.dumps(body).encode()
     except BadRequest as exc:
         return invalid_request(exc.message, param=exc.param)
 
+    stream = bool(body.get("stream"))
     route = await ready_route(model)
     if route is not None and route.node_draining:
         move_soon(model)
     if route is not None:
-        response = await proxy(route, path=path, payload=raw, stream=bool(body.get("stream")), model=model,
-                               count_served=True)
-        if response.status_code != 502:
-            return response
-        # The cached engine went away (unloaded or crashed): fall through to the cold path.
+        try:
+            return await proxy(route, path=path, payload=raw, stream=stream, model=model, count_served=True)
+        except EngineGone:
+            pass  # the cached engine went away (unloaded or crashed): the cold path finds or loads another
     await record_demand(model.model_id, served=False)
     try:
         route = await warm_route(model, budget_s=budget_s)
+        return await proxy(route, path=path, payload=raw, stream=stream, model=model)
     except WarmupFailed as failure:
         return failure.response
-    return await proxy(route, path=path, payload=raw, stream=bool(body.get("stream")), model=model)
+    except EngineGone:
+        return engine_unavailable(model)
 
 
 def _method_not_allowed(request) -> HttpResponse:

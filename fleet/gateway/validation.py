@@ -84,3 +84,43 @@ def validate_completion(body: dict) -> None:
         all(isinstance(p, str) for p in prompt) or all(isinstance(p, int) and not isinstance(p, bool) for p in prompt)))
     if not ok:
         raise BadRequest("'prompt' must be a string, a list of strings or a list of token ids.", "prompt")
+
+
+# What each engine cannot do, so a request asking for it gets a 400 rather than a silent ignore.
+UNSUPPORTED = {
+    "llamacpp": {"n_above_1": True, "logprobs": True, "response_formats": {"text", "json_object"}},
+}
+
+
+def adapt(body: dict, *, engine: str) -> bool:
+    """Rewrite `body` in place into what the engine understands, as the current OpenAI API allows it
+    to be sent: optional fields sent as null dropped, `max_completion_tokens` as `max_tokens`, role
+    `developer` as `system`. Returns whether anything changed; raises BadRequest for a feature the
+    engine does not support."""
+    changed = False
+    for key in [key for key, value in body.items() if value is None]:
+        del body[key]
+        changed = True
+    if "max_completion_tokens" in body:
+        wanted = body.pop("max_completion_tokens")
+        body["max_tokens"] = min(wanted, body["max_tokens"]) if "max_tokens" in body else wanted
+        changed = True
+    messages = body.get("messages")
+    if isinstance(messages, list) and any(m.get("role") == "developer" for m in messages):
+        body["messages"] = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+        changed = True
+    limits = UNSUPPORTED.get(engine)
+    if limits:
+        if limits["n_above_1"] and body.get("n", 1) > 1:
+            raise BadRequest("'n' above 1 is not supported by this model's engine (llama.cpp): send n requests.", "n")
+        if limits["logprobs"] and (body.get("logprobs") or body.get("top_logprobs")):
+            param = "logprobs" if body.get("logprobs") else "top_logprobs"
+            raise BadRequest(f"'{param}' is not supported by this model's engine (llama.cpp).", param)
+        response_format = body.get("response_format")
+        if response_format is not None:
+            kind = response_format.get("type") if isinstance(response_format, dict) else None
+            if kind not in limits["response_formats"]:
+                raise BadRequest(f"response_format type {kind!r} is not supported by this model's engine "
+                                 f"(llama.cpp); use one of {', '.join(sorted(limits['response_formats']))}.",
+                                 "response_format.type")
+    return changed

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -254,10 +256,44 @@ def _porten_headers(response: HttpResponse, route: Route, queued_s: float = 0.0)
         response["X-Porten-Load-Seconds"] = f"{route.load_seconds:.3f}"
 
 
-def _engine_gone(model: CatalogModel) -> HttpResponse:
-    forget_route(model)
+class EngineGone(Exception):
+    """The engine could not be reached, or broke off before its answer began."""
+
+
+def engine_unavailable(model: CatalogModel) -> HttpResponse:
     return error_response(502, f"The engine serving {model.model_id} did not answer; retry the request.",
                           type="server_error", code="engine_unavailable")
+
+
+# A file path or a traceback line in an engine's message: never passed on to the client.
+_INTERNALS = re.compile(r"(?:/[\w.\-]+){2,}|\bFile \"|Traceback|line \d+")
+
+
+def engine_error(model: CatalogModel, status: int, content: bytes) -> HttpResponse:
+    """An engine's 4xx or 5xx in the OpenAI shape, with its message but none of its internals: a
+    request the engine refused as invalid is a 400 (with `param` when it names the field), anything
+    else a 502 engine_error."""
+    message, param = "", None
+    try:
+        parsed = json.loads(content)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        message, param = str(parsed["error"].get("message") or ""), parsed["error"].get("param")
+    elif isinstance(parsed, dict) and isinstance(parsed.get("detail"), list) and parsed["detail"]:
+        first = parsed["detail"][0] if isinstance(parsed["detail"][0], dict) else {}
+        message = str(first.get("msg", ""))
+        loc = [str(part) for part in first.get("loc", []) if part != "body"]
+        param = ".".join(loc) or None
+    elif isinstance(parsed, dict) and isinstance(parsed.get("detail"), str):
+        message = parsed["detail"]
+    lines = [line.strip() for line in message.splitlines() if line.strip() and not _INTERNALS.search(line)]
+    message = lines[0][:500] if lines else ""
+    if status in (400, 422) and message:
+        return error_response(400, f"{model.model_id}'s engine refused the request: {message}",
+                              type="invalid_request_error", code="invalid_request", param=param)
+    return error_response(502, f"The engine serving {model.model_id} failed on this request"
+                               + (f": {message}" if message else "."), type="server_error", code="engine_error")
 
 
 def _engine_gates() -> dict[int, asyncio.Semaphore]:
@@ -326,7 +362,8 @@ async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model:
         upstream = await engine_post(route.base_url + path, payload)
     except EngineUnavailable:
         accounting.close()
-        return _engine_gone(model)
+        forget_route(model)
+        raise EngineGone from None
     except BaseException:  # cancelled (the client left): the slot goes to the next in line
         accounting.close()
         raise
@@ -334,9 +371,13 @@ async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model:
         try:
             content = await engine_read(upstream)
         except EngineUnavailable:
-            return _engine_gone(model)
+            return engine_unavailable(model)  # it broke off mid-answer: the request may have run
         finally:
             accounting.close()
+        if upstream.status >= 400:
+            response = engine_error(model, upstream.status, content)
+            _porten_headers(response, route, accounting.queued_s)
+            return response
         response = HttpResponse(content, status=upstream.status,
                                 content_type=upstream.headers.get("Content-Type", "application/json"))
         _porten_headers(response, route, accounting.queued_s)
