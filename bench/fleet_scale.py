@@ -114,6 +114,18 @@ class Fleet:
                 raise RuntimeError(f"node workers {sorted(waiting)} not ready in {timeout_s} s")
             time.sleep(0.2)
 
+    def stop_hub_side(self) -> None:
+        """The hub, its worker and beat, before the stack stops Redis under them."""
+        hub_side = [proc for proc in self.stack.procs[1:] if proc.poll() is None]  # [0] is Redis
+        for proc in hub_side:
+            proc.terminate()
+        for proc in hub_side:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
     def stop_nodes(self) -> None:
         """Each agent, then every engine it started (an agent's shutdown leaves its engines running)."""
         from fleet.agent.engines.process import stop_all_engines
@@ -191,6 +203,7 @@ class Case:
         self.max_replicas, self.model_id = max_replicas, model_id
         self.ramp, self.window = Sample(), Sample()
         self.warm_s = 0.0
+        self.warm_started = 0.0  # time.time()
         self.load_started = self.window_from = self.window_until = 0.0  # time.time()
         self.instances: list = []
         self.inflight: dict[int, float] = {}
@@ -209,6 +222,7 @@ def run_case(hub: str, api_key: str, max_replicas: int, args) -> Case:
 
     case = Case(max_replicas, f"bench-hot-{max_replicas}x-{uuid.uuid4().hex[:6]}")
     offer(case.model_id, max_replicas)
+    case.warm_started = time.time()
     case.warm_s = warm(hub, api_key, case.model_id)
     watch = InflightWatch(case.model_id)
     watch.start()
@@ -220,7 +234,6 @@ def run_case(hub: str, api_key: str, max_replicas: int, args) -> Case:
     finally:
         watch.done.set()
         watch.join()
-    case.window_until = max(case.window_until, case.window_from + 1e-9)
     case.instances = list(Instance.objects.filter(model__model_id=case.model_id).select_related("node")
                           .order_by("created_at"))
     case.inflight = watch.mean_inflight(case.window_from, case.window_from + args.window_s)
@@ -260,7 +273,10 @@ def report(cases: list[Case], args) -> bool:
               f"{len(case.instances):>10}{case.extra_loads:>12}")
     for case in cases:
         failures = dict(case.ramp.failures + case.window.failures)
-        print(f"\nmax_replicas={case.max_replicas} ({case.model_id}; warm-up request {case.warm_s:.2f} s"
+        first = case.instances[0] if case.instances else None
+        ready_s = first.ready_at.timestamp() - case.warm_started if first and first.ready_at else float("nan")
+        print(f"\nmax_replicas={case.max_replicas} ({case.model_id}; warm-up request {case.warm_s:.2f} s, "
+              f"its engine ready {ready_s:.2f} s after it was sent"
               + (f"; failures {failures}" if failures else "") + "); seconds from the clients' start:")
         print(f"  {'replica':<8}{'node':<15}{'created':>8}{'ready':>8}  {'phase':<10}{'in flight, window mean':>23}")
         for instance in case.instances:
@@ -312,6 +328,7 @@ def main() -> int:
     finally:
         if fleet is not None:
             fleet.stop_nodes()
+            fleet.stop_hub_side()
         if endpoint is not None:
             endpoint.stop()
         stack.close()

@@ -84,7 +84,8 @@ def live_hub(django_db_setup, django_db_blocker, tmp_path_factory):
         proc = subprocess.Popen(
             hub_command("127.0.0.1", port),
             # Aging at 2 s (10 s by default) keeps the starvation test short.
-            cwd=REPO_ROOT, env=service_env(PORTEN_BUSY_AGING_S="2"), stdout=out, stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT, env=service_env(PORTEN_BUSY_AGING_S="2", PORTEN_STREAM_KEEPALIVE_S="1"), stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:

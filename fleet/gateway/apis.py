@@ -16,7 +16,8 @@ from porten.errors import error_response, invalid_request, model_not_found, unau
 from .asgi import too_large
 from .validation import BadRequest, adapt, validate_chat, validate_common, validate_completion, validate_limits
 from .warm import (
-    EngineGone, WarmupFailed, engine_unavailable, move_soon, proxy, ready_route, record_demand, warm_route,
+    EngineGone, WarmupFailed, cold_stream, engine_unavailable, move_soon, proxy, ready_route, record_demand,
+    warm_route,
 )
 
 BUDGET_HEADER = "HTTP_X_PORTEN_WARMUP_BUDGET"
@@ -83,6 +84,8 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
         except EngineGone:
             pass  # the cached engine went away (unloaded or crashed): the cold path finds or loads another
     await record_demand(model.model_id, served=False)
+    if stream:
+        return cold_stream(model, path=path, payload=raw, budget_s=budget_s)
     try:
         route = await warm_route(model, budget_s=budget_s)
         return await proxy(route, path=path, payload=raw, stream=stream, model=model)

@@ -387,6 +387,61 @@ async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model:
     return response
 
 
+class _ColdStream:
+    """A streamed answer for a model that is not ready: the headers go out at once, an SSE comment
+    with the load's progress every PORTEN_STREAM_KEEPALIVE_S (so proxies in front keep the
+    connection), then the engine's stream as it comes; a load that fails or outlasts the budget ends
+    the stream with an OpenAI-shaped error event."""
+
+    def __init__(self, model: CatalogModel, *, path: str, payload: bytes, budget_s: float) -> None:
+        self.model, self.path, self.payload, self.budget_s = model, path, payload, budget_s
+        self.source: AsyncIterator[bytes] | None = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        waiting = asyncio.ensure_future(warm_route(self.model, budget_s=self.budget_s))
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=settings.PORTEN_STREAM_KEEPALIVE_S)
+                if done:
+                    break
+                state = model_events().latest.get(self.model.model_id)
+                shown = state.public() if state is not None else WarmingState(model=self.model.model_id, phase="queued")
+                yield f": warming {shown.phase} {int(shown.pct)}%\n\n".encode()
+            try:
+                route = waiting.result()
+                response = await proxy(route, path=self.path, payload=self.payload, stream=True, model=self.model)
+            except WarmupFailed as failure:
+                yield _error_event(failure.response)
+                return
+            except EngineGone:
+                yield _error_event(engine_unavailable(self.model))
+                return
+            if not isinstance(response, EventStream):
+                yield _error_event(response)
+                return
+            if route.load_seconds is not None:
+                yield f": loaded in {route.load_seconds:.3f} s on {route.node}\n\n".encode()
+            self.source = response.source
+            async for part in response.source:
+                yield part
+        finally:
+            waiting.cancel()
+
+    async def aclose(self) -> None:
+        if self.source is not None:
+            await self.source.aclose()
+
+
+def _error_event(response: HttpResponse) -> bytes:
+    return b"data: " + response.content + b"\n\n"
+
+
+def cold_stream(model: CatalogModel, *, path: str, payload: bytes, budget_s: float) -> EventStream:
+    response = EventStream(_ColdStream(model, path=path, payload=payload, budget_s=budget_s))
+    response["X-Porten-Cold-Start"] = "true"
+    return response
+
+
 async def model_prewarm(model: CatalogModel) -> None:
     """Start loading a model someone picked in the playground, so the load overlaps with their
     typing. A pick counts as unmet demand, like a cold request. Raises PlacementError when the

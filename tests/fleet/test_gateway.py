@@ -50,6 +50,35 @@ def test_cold_model_streams(client, node_worker, hf):
     assert "".join(pieces).strip()
 
 
+def test_a_cold_stream_gets_its_headers_at_once_and_progress_comments_while_it_waits(
+        live_hub, api_key, node_worker, hf):
+    offered("gemma-cold-sse")
+    hf.throttle_bytes_per_s = 60_000_000  # ~4 s of download: several keep-alive comments (1 s apart here)
+    lines, started = [], time.monotonic()
+    with httpx.stream("POST", live_hub.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
+                      json={"model": "gemma-cold-sse", "messages": HELLO, "max_tokens": 8, "stream": True},
+                      timeout=180) as response:
+        headers_after_s = time.monotonic() - started
+        assert response.status_code == 200
+        assert response.headers["x-porten-cold-start"] == "true"
+        lines = [line for line in response.iter_lines() if line]
+    assert headers_after_s < 1.5, "the headers do not wait for the load"
+    comments = [line for line in lines if line.startswith(":")]
+    assert any(line.startswith(": warming downloading") for line in comments), comments
+    assert lines[-1] == "data: [DONE]"
+    assert any(line.startswith("data: {") and '"content"' in line for line in lines)
+
+
+def test_a_cold_stream_whose_load_outlasts_its_budget_ends_with_an_error_event(client, node_worker, hf):
+    offered("gemma-cold-budget")
+    hf.throttle_bytes_per_s = 40_000_000
+    stream = client.chat.completions.create(model="gemma-cold-budget", messages=HELLO, max_tokens=8, stream=True,
+                                            extra_headers={"X-Porten-Warmup-Budget": "1"})
+    with pytest.raises(openai.APIError) as failed:
+        list(stream)
+    assert "warming up" in str(failed.value.message)
+
+
 def test_unknown_model_is_not_found(client):
     with pytest.raises(openai.NotFoundError) as exc:
         client.chat.completions.create(model="no-such-model", messages=HELLO)
