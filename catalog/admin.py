@@ -42,7 +42,8 @@ class CatalogModelAdmin(admin.ModelAdmin):
         (None, {"fields": ["model_id", "display_name", "description", "enabled", "pinned"]}),
         ("Source", {"fields": ["hf_repo", "hf_revision", "hf_files", "local_path"]}),
         ("Serving", {"fields": ["weight_format", "engine", "chat_format", "context_length", "vram_mb", "disk_mb"]}),
-        ("Capabilities", {"fields": ["supports_chat", "supports_tools", "supports_json", "supports_vision"]}),
+        ("Capabilities", {"fields": ["supports_chat", "supports_tools", "supports_json", "supports_vision",
+                                         "supports_embeddings"]}),
         ("History", {"fields": ["created_at", "updated_at"]}),
     ]
 

@@ -28,7 +28,7 @@ class EngineName(models.TextChoices):
 # Which engine can serve which weight format.
 ENGINE_FOR_FORMAT = {WeightFormat.GGUF: EngineName.LLAMACPP, WeightFormat.SAFETENSORS: EngineName.VLLM}
 
-CAPABILITIES = ("chat", "tools", "json", "vision")
+CAPABILITIES = ("chat", "tools", "json", "vision", "embeddings")
 
 # Requests an engine serves at once: llama-cpp-python's server has one slot; vLLM batches up to its
 # max_num_seqs (256 by default). The gateway holds each engine to this, queueing the rest.
@@ -69,6 +69,8 @@ class CatalogModel(models.Model):
     supports_tools = models.BooleanField("tools", default=False)
     supports_json = models.BooleanField("JSON mode", default=False)
     supports_vision = models.BooleanField("vision", default=False)
+    supports_embeddings = models.BooleanField(
+        "embeddings", default=False, help_text="Serves /v1/embeddings (its engine starts in embedding mode).")
 
     vram_mb = models.PositiveIntegerField(
         "VRAM footprint (MB)", validators=[MinValueValidator(1)],

@@ -25,5 +25,6 @@ application = GatewayApp(
         "http": http_app,
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }),
-    routes={"/v1/chat/completions": apis.chat_completions, "/v1/completions": apis.completions},
+    routes={"/v1/chat/completions": apis.chat_completions, "/v1/completions": apis.completions,
+            "/v1/embeddings": apis.embeddings},
 )

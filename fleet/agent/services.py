@@ -223,7 +223,7 @@ def _start_engine(instance: Instance, model_path: str) -> None:
     launch = EngineLaunch(
         instance_id=instance.pk, node_name=node.name, served_model_name=model.model_id, model_path=Path(model_path),
         context_length=model.context_length, port=_engine_port(), host=settings.PORTEN_ENGINE_BIND,
-        chat_format=model.chat_format,
+        chat_format=model.chat_format, embeddings=model.supports_embeddings,
         vram_mb=model.vram_mb, gpu_indices=tuple(instance.gpu_indices) if node.has_gpu else (),
         gpu_total_mb=int(gpu.get("total_mb", 0)),
     )

@@ -14,7 +14,10 @@ from porten.auth import authenticate_async, csrf_failure
 from porten.errors import error_response, invalid_request, model_not_found, unauthorized
 
 from .asgi import too_large
-from .validation import BadRequest, adapt, validate_chat, validate_common, validate_completion, validate_limits
+from .validation import (
+    BadRequest, adapt, pooled_embeddings, validate_chat, validate_common, validate_completion, validate_embeddings,
+    validate_limits,
+)
 from .warm import (
     EngineGone, WarmupFailed, cold_stream, engine_unavailable, move_soon, proxy, ready_route, record_demand,
     warm_route,
@@ -67,14 +70,30 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
     model = await offered_model_aget(model_id)
     if model is None:
         return model_not_found(model_id)
+    embedding = path == "/v1/embeddings"
+    if not (model.supports_embeddings if embedding else model.supports_chat):
+        needed = "embeddings" if embedding else "chat"
+        return invalid_request(f"The model '{model_id}' does not serve {path}; pick one from /v1/models whose "
+                               f"capabilities include {needed}.", param="model")
     try:
         validate_limits(body, context_length=model.context_length)
         if adapt(body, engine=model.engine):
             raw = json.dumps(body).encode()
     except BadRequest as exc:
         return invalid_request(exc.message, param=exc.param)
+    if embedding:
+        base64_out = body.pop("encoding_format", None) == "base64"
+        raw = json.dumps(body).encode()
+        response = await _answer(model, path, raw, stream=False, budget_s=budget_s)
+        if response.status_code == 200:
+            response.content = json.dumps(pooled_embeddings(json.loads(response.content), base64_out=base64_out))
+            response["Content-Length"] = str(len(response.content))
+        return response
+    return await _answer(model, path, raw, stream=bool(body.get("stream")), budget_s=budget_s)
 
-    stream = bool(body.get("stream"))
+
+async def _answer(model, path: str, raw: bytes, *, stream: bool, budget_s: float) -> HttpResponse:
+    """The engine's answer: from a ready replica, else once the model is loaded."""
     route = await ready_route(model)
     if route is not None and route.node_draining:
         move_soon(model)
@@ -105,6 +124,13 @@ async def chat_completions(request) -> HttpResponse:
     if request.method != "POST":
         return _method_not_allowed(request)
     return await _generate(request, path="/v1/chat/completions", validate_kind=validate_chat)
+
+
+@csrf_exempt
+async def embeddings(request) -> HttpResponse:
+    if request.method != "POST":
+        return _method_not_allowed(request)
+    return await _generate(request, path="/v1/embeddings", validate_kind=validate_embeddings)
 
 
 @csrf_exempt

@@ -1,6 +1,9 @@
 """Checks an OpenAI request body before it reaches an engine (engines are not good at bad input)."""
 from __future__ import annotations
 
+import base64
+import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,3 +127,38 @@ def adapt(body: dict, *, engine: str) -> bool:
                                  f"(llama.cpp); use one of {', '.join(sorted(limits['response_formats']))}.",
                                  "response_format.type")
     return changed
+
+
+def validate_embeddings(body: dict) -> None:
+    items = body.get("input")
+    if items is None:
+        raise BadRequest("Missing required field 'input'.", "input")
+    is_tokens = isinstance(items, list) and items and all(isinstance(t, int) and not isinstance(t, bool) for t in items)
+    ok = (isinstance(items, str) and items) or is_tokens or (
+        isinstance(items, list) and 0 < len(items) <= 2048 and (
+            all(isinstance(i, str) and i for i in items)
+            or all(isinstance(i, list) and i and all(isinstance(t, int) and not isinstance(t, bool) for t in i)
+                   for i in items)))
+    if not ok:
+        raise BadRequest("'input' must be a non-empty string, a list of up to 2048 non-empty strings, or token ids.",
+                         "input")
+    if body.get("encoding_format") not in (None, "float", "base64"):
+        raise BadRequest("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
+    if body.get("dimensions") is not None:
+        raise BadRequest("'dimensions' is not supported: this model's embeddings have a fixed size.", "dimensions")
+
+
+def pooled_embeddings(answer: dict, *, base64_out: bool) -> dict:
+    """An engine's embeddings answer in the OpenAI shape: one vector per input. An engine that
+    returns a vector per token (llama.cpp with a model that has no pooling of its own) has them
+    averaged and scaled to length 1; vectors go out as base64 float32 when asked."""
+    for item in answer.get("data", []):
+        vector = item.get("embedding") or []
+        if vector and isinstance(vector[0], list):
+            width = len(vector[0])
+            mean = [sum(token[i] for token in vector) / len(vector) for i in range(width)]
+            norm = math.sqrt(sum(v * v for v in mean)) or 1.0
+            vector = [v / norm for v in mean]
+        item["embedding"] = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if base64_out \
+            else vector
+    return answer

@@ -238,3 +238,22 @@ def test_sixteen_concurrent_requests_to_a_one_slot_engine_all_come_back_whole(li
         assert reply["choices"][0]["message"]["content"].strip()
         assert reply["choices"][0]["finish_reason"] in {"stop", "length"}
     assert sum("x-porten-queue-seconds" in h for h, _ in answers) >= 8, "the hub queued what the engine cannot serve"
+
+
+def test_embeddings_load_on_demand_in_the_openai_shape(client, node_worker, hf):
+    import math
+
+    offered("gemma-embed", supports_embeddings=True, supports_chat=False)
+    one = client.embeddings.create(model="gemma-embed", input="hello world")  # the client asks for base64
+    assert len(one.data) == 1 and len(one.data[0].embedding) == 640  # Gemma 3 270M's hidden size
+    assert math.isclose(math.sqrt(sum(v * v for v in one.data[0].embedding)), 1.0, rel_tol=1e-3)
+    several = client.embeddings.create(model="gemma-embed", input=["hello world", "goodbye"], encoding_format="float")
+    assert [d.index for d in several.data] == [0, 1]
+    assert several.data[0].embedding != several.data[1].embedding
+    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(several.data[0].embedding, one.data[0].embedding))
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="gemma-embed", messages=HELLO, max_tokens=2)
+    assert refused.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as bad_input:
+        client.embeddings.create(model="gemma-embed", input=[])
+    assert bad_input.value.body["param"] == "input"

@@ -24,6 +24,7 @@ class EngineLaunch:
     gpu_indices: tuple[int, ...] = ()  # empty = CPU
     gpu_total_mb: int = 0  # total memory of one of those GPUs
     extra_args: tuple[str, ...] = ()
+    embeddings: bool = False  # serve /v1/embeddings (the catalog's embeddings capability)
 
     def __post_init__(self) -> None:
         # Callers build launches from ORM rows and JSON; normalise so the dataclass stays hashable.

@@ -36,6 +36,8 @@ class LlamaCppEngine(Engine):
         if launch.chat_format:
             # Models without a chat template otherwise fall back to llama-2 format and answer nothing.
             argv += ["--chat_format", launch.chat_format]
+        if launch.embeddings:
+            argv += ["--embedding", "true"]
         return argv + self.memory_arguments(launch) + list(launch.extra_args)
 
     def memory_arguments(self, launch: EngineLaunch) -> list[str]:
@@ -67,6 +69,8 @@ class LlamaServerEngine(LlamaCppEngine):
         if launch.chat_format:
             # A named built-in template only applies with Jinja off.
             argv += ["--no-jinja", "--chat-template", launch.chat_format]
+        if launch.embeddings:
+            argv += ["--embeddings"]
         return argv + self.memory_arguments(launch) + list(launch.extra_args)
 
     def memory_arguments(self, launch: EngineLaunch) -> list[str]:
