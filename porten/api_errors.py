@@ -7,7 +7,8 @@ from rest_framework.views import exception_handler
 
 from .errors import error_body
 
-_DRF_CODES = {401: "invalid_api_key", 403: "permission_denied", 404: "not_found", 405: "method_not_allowed"}
+_DRF_CODES = {401: "invalid_api_key", 403: "permission_denied", 404: "not_found", 405: "method_not_allowed",
+              429: "rate_limit_exceeded"}
 
 
 def drf_exception_handler(exc: Exception, context: dict) -> Response | None:

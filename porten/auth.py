@@ -11,6 +11,7 @@ from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
 
 from .cache import Cache
+from .redis import aredis_client, redis_client
 from .errors import error_response
 from .keys import api_key_afor, bearer_token
 
@@ -82,3 +83,42 @@ def csrf_failure(request, message: str = "CSRF check failed for a signed-in sess
     if CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {}) is None:
         return None
     return error_response(403, message, type="invalid_request_error", code="csrf_failed")
+
+
+BAD_KEY_WINDOW_S = 60
+
+
+def _bad_key_counter(address: str) -> str:
+    return f"porten:bad-keys:{address}"
+
+
+async def bad_key_retry_after(address: str) -> int | None:
+    """Count a bad key sent from `address`; past PORTEN_BAD_KEYS_PER_MINUTE, the seconds it must
+    wait (the caller answers 429), else None. Redis unavailable: not counted."""
+    try:
+        pipe = aredis_client().pipeline(transaction=False)
+        pipe.incr(_bad_key_counter(address))
+        pipe.expire(_bad_key_counter(address), BAD_KEY_WINDOW_S, nx=True)
+        pipe.ttl(_bad_key_counter(address))
+        count, _, ttl = await pipe.execute()
+    except Exception:
+        return None
+    return max(int(ttl), 1) if count > settings.PORTEN_BAD_KEYS_PER_MINUTE else None
+
+
+def bad_key_retry_after_sync(address: str) -> int | None:
+    try:
+        pipe = redis_client().pipeline(transaction=False)
+        pipe.incr(_bad_key_counter(address))
+        pipe.expire(_bad_key_counter(address), BAD_KEY_WINDOW_S, nx=True)
+        pipe.ttl(_bad_key_counter(address))
+        count, _, ttl = pipe.execute()
+    except Exception:
+        return None
+    return max(int(ttl), 1) if count > settings.PORTEN_BAD_KEYS_PER_MINUTE else None
+
+
+def too_many_bad_keys(retry_after_s: int):
+    return error_response(429, "Too many requests with an invalid API key from this address; wait and retry "
+                               "with a valid key.", type="invalid_request_error", code="rate_limit_exceeded",
+                          headers={"Retry-After": str(retry_after_s)})

@@ -4,7 +4,7 @@ from __future__ import annotations
 from asgiref.sync import async_to_sync
 from rest_framework import authentication, exceptions
 
-from .auth import api_key_user
+from .auth import api_key_user, bad_key_retry_after_sync
 from .keys import bearer_token
 
 
@@ -17,6 +17,9 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
             return None
         user = async_to_sync(api_key_user)(token)
         if user is None:
+            if (wait_s := bad_key_retry_after_sync(request.META.get("REMOTE_ADDR", ""))) is not None:
+                raise exceptions.Throttled(wait=wait_s, detail="Too many requests with an invalid API key from "
+                                                               "this address; wait and retry with a valid key.")
             raise exceptions.AuthenticationFailed("invalid API key")
         return user, user.api_key
 

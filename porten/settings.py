@@ -79,6 +79,18 @@ DEBUG = env_bool("PORTEN_DEBUG", not PRODUCTION)
 ALLOWED_HOSTS = [h.strip() for h in env_str("PORTEN_ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",") if h.strip()]
 CSRF_TRUSTED_ORIGINS = [o.strip() for o in env_str("PORTEN_CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()]
 
+# Production is served over HTTPS (by the hub or a proxy in front that sets X-Forwarded-Proto):
+# secure cookies, a redirect to HTTPS and HSTS. PORTEN_HTTPS=false turns them off (an HTTP-only lab).
+HTTPS = env_bool("PORTEN_HTTPS", PRODUCTION)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = HTTPS
+SECURE_SSL_REDIRECT = HTTPS
+SECURE_HSTS_SECONDS = env_int("PORTEN_HSTS_SECONDS", 31536000 if HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("PORTEN_HSTS_SUBDOMAINS", HTTPS)
+SECURE_HSTS_PRELOAD = env_bool("PORTEN_HSTS_PRELOAD", HTTPS)
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if HTTPS else None
+# Health checks come over plain HTTP from the load balancer.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
+
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",
@@ -217,6 +229,8 @@ PORTEN_IDLE_SWEEP_S = env_float("PORTEN_IDLE_SWEEP_S", 30.0)
 PORTEN_AUTOSCALE_S = env_float("PORTEN_AUTOSCALE_S", 2.0)  # how often replicas and draining nodes are looked at
 PORTEN_SCALE_OUT_AFTER_S = env_float("PORTEN_SCALE_OUT_AFTER_S", 4.0)  # busier than target this long: one more replica
 PORTEN_MAX_BODY_BYTES = env_int("PORTEN_MAX_BODY_BYTES", 4 * 1024 * 1024)
+# Bad API keys one client address may send per minute before it gets 429s (guessing keys is slowed).
+PORTEN_BAD_KEYS_PER_MINUTE = env_int("PORTEN_BAD_KEYS_PER_MINUTE", 20)
 PORTEN_PREWARM_ON_PICK = env_bool("PORTEN_PREWARM_ON_PICK", True)
 PORTEN_UPSTREAM_TIMEOUT_S = env_float("PORTEN_UPSTREAM_TIMEOUT_S", 600.0)
 # A streamed request waiting for a cold model gets an SSE comment this often (proxies keep it open).

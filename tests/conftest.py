@@ -117,12 +117,14 @@ def _no_engine_left_behind():
     from fleet.agent.engines.process import ENGINE_ENV_NODE, stop_engine
 
     leftovers = []
+    ours = os.environ["PORTEN_TEST_WORKDIR"]  # engines inherit it: another test run's are not ours
     for proc in psutil.process_iter(["pid"]):
         try:
-            node = proc.environ().get(ENGINE_ENV_NODE, "")
+            environ = proc.environ()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        if node.startswith("test-") and proc.pid != os.getpid():
+        node = environ.get(ENGINE_ENV_NODE, "")
+        if node.startswith("test-") and environ.get("PORTEN_TEST_WORKDIR") == ours and proc.pid != os.getpid():
             leftovers.append((proc.pid, node))
             stop_engine(proc.pid, grace_s=2)
     assert not leftovers, f"engine processes left behind by the tests: {leftovers}"

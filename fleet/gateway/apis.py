@@ -10,7 +10,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from catalog.selectors import offered_model_aget
 from fleet.selectors import model_replicas, model_warming_state
-from porten.auth import authenticate_async, csrf_failure
+from porten.auth import authenticate_async, bad_key_retry_after, csrf_failure, too_many_bad_keys
 from porten.errors import error_response, invalid_request, model_not_found, unauthorized
 
 from .asgi import too_large
@@ -42,6 +42,9 @@ def _budget(request) -> float:
 async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
     caller, via_session = await authenticate_async(request)
     if caller is None:
+        if request.META.get("HTTP_AUTHORIZATION") and (
+                wait_s := await bad_key_retry_after(request.META.get("REMOTE_ADDR", ""))) is not None:
+            return too_many_bad_keys(wait_s)
         return unauthorized()
     if via_session and (failure := csrf_failure(request)) is not None:
         return failure

@@ -59,3 +59,31 @@ async def test_the_async_check_knows_a_key_records_its_use_and_drops_it_once_rev
     assert (await auth.authenticate_async(request(api_key)))[0] is caller  # remembered for a few seconds
     auth._keys.entries.update({key: (0.0, user) for key, (_, user) in auth._keys.entries.items()})  # time passes
     assert await auth.authenticate_async(request(api_key)) == (None, False)
+
+
+def test_repeated_bad_keys_from_one_address_are_slowed_down_with_429(client, api_key, settings):
+    from porten.redis import redis_client
+
+    settings.PORTEN_BAD_KEYS_PER_MINUTE = 3
+    redis_client().delete("porten:bad-keys:127.0.0.1")
+    statuses = [client.get("/v1/models", HTTP_AUTHORIZATION="Bearer pt-guess-%d" % i).status_code for i in range(5)]
+    assert statuses == [401, 401, 401, 429, 429]
+    slowed = client.get("/v1/models", HTTP_AUTHORIZATION="Bearer pt-guess-again")
+    assert slowed.json()["error"]["code"] == "rate_limit_exceeded" and int(slowed["Retry-After"]) >= 1
+    assert client.get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {api_key}").status_code == 200, "a valid key passes"
+    redis_client().delete("porten:bad-keys:127.0.0.1")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_gateway_slows_repeated_bad_keys_too(async_client, settings):
+    from porten.redis import redis_client
+
+    settings.PORTEN_BAD_KEYS_PER_MINUTE = 2
+    redis_client().delete("porten:bad-keys:127.0.0.1")
+    statuses = []
+    for i in range(4):
+        response = await async_client.post("/v1/chat/completions", {"model": "m", "messages": []},
+                                           content_type="application/json", headers={"Authorization": f"Bearer pt-no-{i}"})
+        statuses.append(response.status_code)
+    assert statuses == [401, 401, 429, 429]
+    redis_client().delete("porten:bad-keys:127.0.0.1")

@@ -45,3 +45,15 @@ def test_bad_number_is_a_clear_error(tmp_path):
     result = run_settings({"PORTEN_PORT": "eighty"}, tmp_path)
     assert result.returncode != 0
     assert "PORTEN_PORT must be an integer" in result.stderr
+
+
+def test_production_settings_pass_djangos_deploy_checks(tmp_path):
+    import secrets
+
+    env = {"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "porten.settings", "PORTEN_VAR_DIR": str(tmp_path),
+           "PORTEN_ENV": "production", "SECRET_KEY": secrets.token_urlsafe(50), "REDIS_URL": "redis://r:6379/0",
+           "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3", "PORTEN_ALLOWED_HOSTS": "porten.example"}
+    result = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
