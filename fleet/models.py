@@ -82,6 +82,7 @@ class Instance(models.Model):
     bytes_total = models.PositiveBigIntegerField(default=0)
     download_rate_bps = models.FloatField(default=0.0)
     port = models.PositiveIntegerField(null=True, blank=True)
+    slots = models.PositiveSmallIntegerField(default=1, help_text="Requests the engine serves at once.")
     pid = models.PositiveIntegerField(null=True, blank=True)
     log_path = models.CharField(max_length=500, blank=True)
     placement_reason = models.TextField(blank=True)

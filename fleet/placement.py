@@ -342,6 +342,9 @@ def replicas_autoscale(*, now_s: float | None = None) -> dict[str, list[int]]:
         out_key, in_key = SCALE_KEY.format(model.model_id, "out"), SCALE_KEY.format(model.model_id, "in")
         if ready and inflight > target * len(ready):
             client.delete(in_key)
+            if warming:  # the busy clock starts again once the new replica serves
+                client.delete(out_key)
+                continue
             client.set(out_key, now_s, nx=True, ex=3600)
             since = float(client.get(out_key) or now_s)
             if now_s - since >= settings.PORTEN_SCALE_OUT_AFTER_S and not warming and len(live) < model.max_replicas:

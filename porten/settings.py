@@ -213,8 +213,11 @@ PORTEN_ENGINE_LOG_DIR = Path(env_str("PORTEN_ENGINE_LOG_DIR", str(VAR_DIR / "log
 PORTEN_NODE_MEMORY_MB = env_int("PORTEN_NODE_MEMORY_MB", 0)
 PORTEN_HEARTBEAT_S = env_float("PORTEN_HEARTBEAT_S", 10.0)
 PORTEN_SUPERVISE_S = env_float("PORTEN_SUPERVISE_S", 2.0)
+# A running engine that answers no liveness check for this long (hung, or stopped) is failed and stopped.
+PORTEN_LIVENESS_S = env_float("PORTEN_LIVENESS_S", 20.0)
 PORTEN_ENGINE_LOAD_TIMEOUT_S = env_float("PORTEN_ENGINE_LOAD_TIMEOUT_S", 600.0)
 PORTEN_LLAMA_SERVER_BIN = env_str("PORTEN_LLAMA_SERVER_BIN", "")
+PORTEN_LLAMA_SERVER_PARALLEL = env_int("PORTEN_LLAMA_SERVER_PARALLEL", 1)  # llama-server's --parallel slots
 PORTEN_VLLM_BIN = env_str("PORTEN_VLLM_BIN", "vllm")
 PORTEN_PROGRESS_INTERVAL_S = env_float("PORTEN_PROGRESS_INTERVAL_S", 0.25)
 

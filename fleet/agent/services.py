@@ -21,9 +21,9 @@ from fleet.live import inflight_count, instance_publish
 from fleet.models import RESIDENT_PHASES, Instance, Node, Phase
 
 from .engines import engine_for
-from .engines.base import EngineLaunch
+from .engines.base import Engine, EngineLaunch
 from .engines.process import (
-    EngineStartError, find_engine_processes, free_port, is_alive, log_tail, start_engine, stop_engine,
+    EngineStartError, find_engine_processes, free_port, is_alive, is_healthy, log_tail, start_engine, stop_engine,
     wait_until_healthy,
 )
 from .nvml import gpu_reader
@@ -34,6 +34,12 @@ logger = logging.getLogger(__name__)
 
 class LoadAborted(Exception):
     """The instance was asked to unload (or was failed) while it was still loading."""
+
+
+def node_engine(name: str) -> Engine:
+    """The catalog engine `name` as this node runs it (its binaries and slots)."""
+    return engine_for(name, llama_server_bin=settings.PORTEN_LLAMA_SERVER_BIN or None, vllm_bin=settings.PORTEN_VLLM_BIN,
+                      llama_server_parallel=settings.PORTEN_LLAMA_SERVER_PARALLEL)
 
 
 def model_store() -> ModelStore:
@@ -217,8 +223,7 @@ def _start_engine(instance: Instance, model_path: str) -> None:
         raise LoadAborted("asked to stop before the engine started")
     instance.phase = Phase.LOADING
     model, node = instance.model, instance.node
-    engine = engine_for(model.engine, llama_server_bin=settings.PORTEN_LLAMA_SERVER_BIN or None,
-                        vllm_bin=settings.PORTEN_VLLM_BIN)
+    engine = node_engine(model.engine)
     gpu = next((g for g in node.gpus if g.get("index") in instance.gpu_indices), {})
     launch = EngineLaunch(
         instance_id=instance.pk, node_name=node.name, served_model_name=model.model_id, model_path=Path(model_path),
@@ -230,7 +235,7 @@ def _start_engine(instance: Instance, model_path: str) -> None:
     log_path = settings.PORTEN_ENGINE_LOG_DIR / f"{model.model_id}-{instance.pk}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     proc = start_engine(engine, launch, log_path=log_path)
-    _set(instance, pid=proc.pid, port=proc.port, log_path=str(log_path))
+    _set(instance, pid=proc.pid, port=proc.port, log_path=str(log_path), slots=engine.slots(launch))
 
     def should_abort() -> bool:
         return Instance.objects.filter(pk=instance.pk).values_list("phase", flat=True).first() != Phase.LOADING
@@ -280,9 +285,9 @@ def _finish_abort(instance: Instance) -> None:
         _set(instance, phase=Phase.STOPPED, stopped_at=timezone.now())
 
 
-def instance_fail(*, instance: Instance, reason: str) -> None:
+def instance_fail(*, instance: Instance, reason: str, grace_s: float = 10.0) -> None:
     if instance.pid and is_alive(instance.pid):
-        stop_engine(instance.pid)
+        stop_engine(instance.pid, grace_s=grace_s)
     _set(instance, phase=Phase.FAILED, last_error=reason[-4000:], stopped_at=timezone.now())
     logger.warning("%s failed: %s", instance, reason.splitlines()[0] if reason else "")
 
@@ -352,14 +357,34 @@ def node_reconcile(*, node_name: str) -> dict:
     return {"adopted": adopted, "reaped": reaped, "requeued": [i.pk for i in interrupted]}
 
 
+_unanswered_since: dict[int, float] = {}  # instance -> when its engine first missed a liveness check
+
+
 def node_supervise(*, node_name: str) -> list[int]:
-    """Mark instances whose engine died as failed, with the tail of the engine's log."""
+    """Fail instances whose engine died (with the tail of its log), or that answered no liveness
+    check over HTTP for PORTEN_LIVENESS_S (hung or stopped: it is killed)."""
     failed = []
+    supervised = set()
     for instance in Instance.objects.filter(
         node__name=node_name, phase__in=[Phase.READY, Phase.DRAINING], pid__isnull=False,
     ).select_related("model", "node"):
+        supervised.add(instance.pk)
         if not is_alive(instance.pid):
             tail = log_tail(Path(instance.log_path)) if instance.log_path else ""
             instance_fail(instance=instance, reason=f"the engine (pid {instance.pid}) exited unexpectedly\n{tail}")
             failed.append(instance.pk)
+            continue
+        engine = node_engine(instance.model.engine)
+        if is_healthy(engine.liveness_url(settings.PORTEN_ENGINE_BIND, instance.port), timeout_s=2.0):
+            _unanswered_since.pop(instance.pk, None)
+            continue
+        since = _unanswered_since.setdefault(instance.pk, time.monotonic())
+        if time.monotonic() - since >= settings.PORTEN_LIVENESS_S:
+            _unanswered_since.pop(instance.pk, None)
+            instance_fail(instance=instance, reason=f"the engine (pid {instance.pid}) stopped answering: no answer "
+                                                    f"to its liveness check for {settings.PORTEN_LIVENESS_S:g} s",
+                          grace_s=0.0)  # a hung engine would not act on SIGTERM
+            failed.append(instance.pk)
+    for gone in set(_unanswered_since) - supervised:
+        del _unanswered_since[gone]
     return failed

@@ -49,6 +49,7 @@ class Route:
     load_seconds: float | None = None  # placement to ready, shown on the answers that waited for it
     cold: bool = False
     node_draining: bool = False  # serves until the model is ready elsewhere
+    slots: int = 1  # requests its engine serves at once
 
 
 class WarmupFailed(Exception):
@@ -65,7 +66,7 @@ def _route_for(instance: Instance) -> Route:
     if instance.ready_at and instance.created_at:
         load_s = round((instance.ready_at - instance.created_at).total_seconds(), 3)
     return Route(instance.pk, f"http://{instance.node.address}:{instance.port}", instance.node.name,
-                 load_seconds=load_s, node_draining=instance.node.draining)
+                 load_seconds=load_s, node_draining=instance.node.draining, slots=instance.slots)
 
 
 async def _ready_lookup(model: CatalogModel) -> tuple[Route, ...] | None:
@@ -213,15 +214,22 @@ async def warm_route(model: CatalogModel, *, budget_s: float) -> Route:
                 type="server_error", code="model_warming", headers={"Retry-After": str(retry)},
                 warming={k: shown[k] for k in ("model", "ready", "phase", "done_mb", "total_mb", "pct")},
             ))
-        # Jitter the fallback re-read so a thousand waiters never poll in lockstep.
-        fallback_s = BUSY_RETRY_S if busy else random.uniform(10.0, 20.0)
+        # Jitter the fallback re-read so a thousand waiters never poll in lockstep. Told it is ready
+        # but not found ready (a lookup that began before the ready was written answered them):
+        # look again shortly.
+        latest = events.latest.get(model.model_id)
+        if latest is not None and latest.phase == Phase.READY:
+            fallback_s = 0.25
+        else:
+            fallback_s = BUSY_RETRY_S if busy else random.uniform(10.0, 20.0)
         await events.wait(model.model_id, future, timeout_s=min(remaining, fallback_s))
 
 
 async def _warm_step(model: CatalogModel, watched: Instance | None) -> Route | Instance | PlacementError:
     """One look at the truth: a ready route, or the live instance to keep waiting on."""
-    # Shared by every waiter in this process: a wake-up of a thousand waiters costs one query.
-    route = await ready_route(model, max_age_s=0.2)
+    # Looked up afresh on every wake-up (a negative answer from a moment ago may predate the
+    # engine's ready), and shared by every waiter in this process: a thousand waiters, one query.
+    route = await ready_route(model, max_age_s=0)
     if route is not None:
         return replace(route, cold=True)
     active = await _active_instances.get(model)
@@ -301,13 +309,14 @@ def _engine_gates() -> dict[int, asyncio.Semaphore]:
 
 
 class _Accounting:
-    """One request in flight on an instance (and, for a warm hit, one served request), holding one
-    of the engine's slots: `enter` waits, in arrival order, while this process already has as many
-    requests on the engine as it serves at once."""
+    """One request in flight on an instance (and, for a warm hit, one served request), from its
+    arrival (a queued request is load: replicas scale on it), holding one of the engine's slots:
+    `enter` waits, in arrival order, while this process already has as many requests on the engine
+    as it serves at once."""
 
     def __init__(self, instance_id: int, served_model_id: str | None) -> None:
-        self.instance_id, self.open, self.gate, self.queued_s = instance_id, False, None, 0.0
-        self.served_model_id = served_model_id
+        self.instance_id, self.counted, self.gate, self.holds, self.queued_s = instance_id, True, None, False, 0.0
+        tally().enter(instance_id, served_model_id)
 
     async def enter(self, slots: int) -> None:
         gates = per_loop(_engine_gates)
@@ -316,17 +325,22 @@ class _Accounting:
             self.gate = gates[self.instance_id] = asyncio.Semaphore(slots)
         if self.gate.locked():
             started = time.monotonic()
-            await self.gate.acquire()
+            try:
+                await self.gate.acquire()
+            except BaseException:
+                self.close()
+                raise
             self.queued_s = time.monotonic() - started
         else:
             await self.gate.acquire()
-        self.open = True
-        tally().enter(self.instance_id, self.served_model_id)
+        self.holds = True
 
     def close(self) -> None:
-        if self.open:
-            self.open = False
+        if self.holds:
+            self.holds = False
             self.gate.release()
+        if self.counted:
+            self.counted = False
             tally().leave(self.instance_id)
 
 
@@ -338,8 +352,14 @@ class _EngineStream:
         self.upstream, self.accounting, self.finished = upstream, accounting, False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for part in self.upstream.content.iter_any():
-            yield part
+        try:
+            async for part in self.upstream.content.iter_any():
+                yield part
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            # The engine broke off (crashed, was stopped): say so in the stream, in the OpenAI shape.
+            yield _error_event(error_response(502, "The engine stopped in the middle of this answer; retry the "
+                                                   "request.", type="server_error", code="engine_unavailable"))
+            return
         self.finished = True
 
     async def aclose(self) -> None:
@@ -357,7 +377,7 @@ async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model:
     """Forward the caller's (validated) body to the engine as it came. With `count_served`, the
     request also counts as served demand."""
     accounting = _Accounting(route.instance_id, model.model_id if count_served else None)
-    await accounting.enter(model.engine_slots)
+    await accounting.enter(route.slots)
     try:
         upstream = await engine_post(route.base_url + path, payload)
     except EngineUnavailable:

@@ -119,8 +119,13 @@ def test_llama_server_binary_command():
         "--port", "8101",
         "-c", "512",
         "--alias", "gemma-3-270m",
+        "--parallel", "1",
         "--no-jinja", "--chat-template", "gemma",
     ]
+    assert engine.slots(cpu) == 1
+    four = engine_for("llamacpp", llama_server_bin="/opt/llama-server", llama_server_parallel=4)
+    assert "--parallel" in (argv := four.command(cpu)) and argv[argv.index("--parallel") + 1] == "4"
+    assert four.slots(cpu) == 4, "the gateway sends it as many requests at once as it has slots"
     gpu = make_launch(gpu_indices=(0, 1))
     assert engine.command(gpu)[-2:] == ["-ngl", "999"]
     assert "--no-jinja" not in engine.command(gpu)

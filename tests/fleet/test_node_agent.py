@@ -180,3 +180,30 @@ def test_a_long_context_load_stays_within_its_footprint(node_worker, hf):
     assert chat(instance).strip() is not None
     after_request_mb = engine.memory_info().rss / 2**20
     assert after_load_mb <= footprint_mb and after_request_mb <= footprint_mb, (after_load_mb, after_request_mb)
+
+
+def test_a_hung_engine_is_failed_by_its_liveness_check_and_the_next_request_loads_it_again(
+        node_worker_factory, hf, live_hub, api_key):
+    worker = node_worker_factory(PORTEN_LIVENESS_S="3")
+    model = gemma_model(model_id="gemma-hang")
+    instance = instance_create(model=model, node=Node.objects.get(name=worker.name))
+    instance = wait_for_phase(instance.pk, {Phase.READY, Phase.FAILED})
+    assert instance.phase == Phase.READY, instance.last_error
+    # Busy generating for longer than the liveness limit: busy is not hung.
+    started = time.monotonic()
+    long = httpx.post(f"http://127.0.0.1:{instance.port}/v1/completions", timeout=120, json={
+        "model": "gemma-hang", "prompt": "Once upon a time", "max_tokens": 400, "temperature": 1.0,
+        "stop": []})
+    assert long.status_code == 200 and time.monotonic() - started > 4, "the answer took longer than the limit"
+    assert Instance.objects.get(pk=instance.pk).phase == Phase.READY
+    os.kill(instance.pid, signal.SIGSTOP)
+    hung_at = time.monotonic()
+    failed = wait_for_phase(instance.pk, {Phase.FAILED}, timeout_s=30)
+    assert time.monotonic() - hung_at < 15
+    assert "stopped answering" in failed.last_error
+    assert not is_alive(instance.pid), "the hung engine is killed"
+    reply = httpx.post(live_hub.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
+                       json={"model": "gemma-hang", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+                       timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["x-porten-cold-start"] == "true"

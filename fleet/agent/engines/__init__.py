@@ -19,13 +19,16 @@ class UnknownEngine(KeyError):
         return f"unknown engine {self.args[0]!r}; known: {', '.join(sorted(ENGINES))}"
 
 
-def engine_for(name: str, *, llama_server_bin: str | None = None, vllm_bin: str = "vllm") -> Engine:
+def engine_for(name: str, *, llama_server_bin: str | None = None, vllm_bin: str = "vllm",
+               llama_server_parallel: int = 1) -> Engine:
     """The engine for a catalog `engine` value, configured with this node's binaries."""
     if name not in ENGINES:
         raise UnknownEngine(name)
     if name == LlamaCppEngine.name:
         # A configured llama-server binary replaces the Python server for the same GGUF models.
-        return LlamaServerEngine(llama_server_bin) if llama_server_bin else LlamaCppEngine()
+        if llama_server_bin:
+            return LlamaServerEngine(llama_server_bin, parallel=llama_server_parallel)
+        return LlamaCppEngine()
     if name == VllmEngine.name:
         return VllmEngine(binary=vllm_bin)
     return ENGINES[name]()

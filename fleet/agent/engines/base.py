@@ -50,6 +50,9 @@ class Engine(ABC):
 
     name: ClassVar[str]
     health_path: ClassVar[str]
+    # Asked of a running engine to tell a hung one from a busy one: it must answer while the engine
+    # generates (None: the health path does).
+    liveness_path: ClassVar[str | None] = None
     # How long a polite stop may take before SIGKILL; engines that free GPU memory need longer.
     stop_grace_s: ClassVar[float] = 10.0
 
@@ -68,6 +71,13 @@ class Engine(ABC):
 
     def health_url(self, launch: EngineLaunch) -> str:
         return f"http://{_connect_host(launch.host)}:{launch.port}{self.health_path}"
+
+    def slots(self, launch: EngineLaunch) -> int:
+        """Requests this engine serves at once; the gateway sends it no more."""
+        return 1
+
+    def liveness_url(self, host: str, port: int) -> str:
+        return f"http://{_connect_host(host)}:{port}{self.liveness_path or self.health_path}"
 
     def base_url(self, launch: EngineLaunch) -> str:
         """Where the OpenAI-compatible API of this instance lives (…/v1)."""

@@ -12,8 +12,10 @@ class LlamaCppEngine(Engine):
     """`python -m llama_cpp.server` from llama-cpp-python[server]; serves GGUF files on CPU or GPU."""
 
     name: ClassVar[str] = "llamacpp"
-    # llama_cpp.server has no /health (404); /v1/models answers once the model is loaded.
+    # llama_cpp.server has no /health (404); /v1/models answers once the model is loaded, but waits
+    # for the model's lock while it generates. Its API docs page answers without the lock.
     health_path: ClassVar[str] = "/v1/models"
+    liveness_path: ClassVar[str | None] = "/docs"
 
     def __init__(self, *, python: str | None = None) -> None:
         self.python = python or sys.executable
@@ -52,10 +54,14 @@ class LlamaServerEngine(LlamaCppEngine):
     """The upstream `llama-server` binary: faster, has /health, returns JSON errors."""
 
     health_path: ClassVar[str] = "/health"
+    liveness_path: ClassVar[str | None] = "/health"
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, parallel: int = 1) -> None:
         super().__init__()
-        self.binary = binary
+        self.binary, self.parallel = binary, parallel
+
+    def slots(self, launch: EngineLaunch) -> int:
+        return self.parallel
 
     def command(self, launch: EngineLaunch) -> list[str]:
         argv = [
@@ -65,6 +71,7 @@ class LlamaServerEngine(LlamaCppEngine):
             "--port", str(launch.port),
             "-c", str(launch.context_length),
             "--alias", launch.served_model_name,
+            "--parallel", str(self.parallel),
         ]
         if launch.chat_format:
             # A named built-in template only applies with Jinja off.

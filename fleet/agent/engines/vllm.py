@@ -41,6 +41,10 @@ class VllmEngine(Engine):
 
     name: ClassVar[str] = "vllm"
     health_path: ClassVar[str] = "/health"
+    max_num_seqs: ClassVar[int] = 256  # vLLM's default batch: requests it serves at once
+
+    def slots(self, launch: EngineLaunch) -> int:
+        return self.max_num_seqs
     # vLLM tears down worker processes and CUDA contexts on SIGTERM; give it time to free the GPU.
     stop_grace_s: ClassVar[float] = 30.0
 
