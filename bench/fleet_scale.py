@@ -93,7 +93,7 @@ class Fleet:
             home = self.stack.workdir / name
             env = {**STUB_ENV, "PORTEN_NODE_NAME": name, "PORTEN_NODE_ADDRESS": address,
                    "PORTEN_NODE_MEMORY_MB": str(NODE_MEMORY_MB), "PORTEN_MODEL_DIR": str(home / "models"),
-                   "PORTEN_ENGINE_LOG_DIR": str(home / "engine-logs"), "PORTEN_LLAMA_SERVER_BIN": str(self.server_bin),
+                   "PORTEN_ENGINE_LOG_DIR": str(home / "engine-logs"), "PORTEN_LLAMA_SERVER_BIN": str(self.server_bin), "PORTEN_LLAMA_SERVER_PARALLEL": str(SLOTS),
                    "HF_ENDPOINT": self.hf_url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                    "HF_HUB_ETAG_TIMEOUT": "5", "PYTHONUNBUFFERED": "1"}
             log_name = f"worker-{name}.log"
