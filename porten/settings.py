@@ -259,5 +259,8 @@ LOGGING = {
         "catalog": {"handlers": ["console"], "level": env_str("PORTEN_LOG_LEVEL", "INFO"), "propagate": False},
         # httpx logs every health check of a starting engine at INFO.
         "httpx": {"level": "WARNING"},
+        # Celery logs each task received and done at INFO: beat's sweeps come every second or two.
+        "celery.app.trace": {"level": "WARNING"},
+        "celery.worker.strategy": {"level": "WARNING"},
     },
 }

@@ -46,7 +46,7 @@ HUB_PROCESSES="${PORTEN_HUB_PROCESSES:-$(nproc)}"
 pids+=($!)
 "$PY" manage.py node_worker --hub &
 pids+=($!)
-.venv/bin/celery -A porten beat --loglevel INFO -s "$VAR_DIR/celerybeat-schedule" &
+.venv/bin/celery -A porten beat --loglevel WARNING -s "$VAR_DIR/celerybeat-schedule" &
 pids+=($!)
 .venv/bin/celery -A porten flower --address=127.0.0.1 --port=5555 >"$VAR_DIR/logs/flower.log" 2>&1 &
 pids+=($!)
