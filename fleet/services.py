@@ -28,6 +28,16 @@ def instance_create(*, model: CatalogModel, node: Node, gpu_indices: list[int] |
     return instance
 
 
+def instance_fail_unreachable(*, instance_id: int, url: str, error: str) -> None:
+    """The hub cannot connect to a ready engine (its node answers its own health checks): fail it
+    with a reason an operator can act on, so the model is placed again."""
+    instance = Instance.objects.filter(pk=instance_id).select_related("model", "node").first()
+    if instance is not None:
+        instance_fail_lost(instance=instance, reason=(
+            f"the hub cannot reach the engine at {url} ({error}): check the node's PORTEN_NODE_ADDRESS "
+            f"({instance.node.address}) and that the hub may connect to it"))
+
+
 def instance_fail_lost(*, instance: Instance, reason: str) -> None:
     """Fail an instance whose node is gone, without touching processes (they are on that node);
     the node's agent stops any leftover engine when it comes back."""

@@ -19,6 +19,10 @@ class EngineUnavailable(Exception):
     """The engine could not be reached, or broke off before its answer began."""
 
 
+class EngineUnreachable(EngineUnavailable):
+    """No connection to the engine's address could be made at all."""
+
+
 def _new_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
@@ -49,6 +53,8 @@ async def engine_post(url: str, payload: bytes) -> aiohttp.ClientResponse:
         except aiohttp.ServerDisconnectedError as exc:
             if attempt == 2:
                 raise EngineUnavailable(str(exc) or "the engine closed the connection") from exc
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise EngineUnreachable(str(exc) or type(exc).__name__) from exc
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise EngineUnavailable(str(exc) or type(exc).__name__) from exc
     raise AssertionError("unreachable")

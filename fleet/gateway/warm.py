@@ -24,12 +24,13 @@ from fleet.demand import demand_record
 from fleet.live import WarmingState, instance_state
 from fleet.models import ACTIVE_PHASES, Instance, Phase, node_stale_s
 from fleet.placement import PlacementError, instance_ensure, node_online
+from fleet.services import instance_fail_unreachable
 from porten.cache import Cache, once
 from porten.errors import error_response
 from porten.loops import per_loop
 
 from .asgi import EventStream
-from .engine_client import EngineUnavailable, engine_post, engine_read
+from .engine_client import EngineUnavailable, EngineUnreachable, engine_post, engine_read
 from .events import model_events
 from .inflight import tally
 
@@ -380,6 +381,12 @@ async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model:
     await accounting.enter(route.slots)
     try:
         upstream = await engine_post(route.base_url + path, payload)
+    except EngineUnreachable as exc:
+        accounting.close()
+        forget_route(model)
+        await sync_to_async(instance_fail_unreachable, thread_sensitive=False)(
+            instance_id=route.instance_id, url=route.base_url, error=str(exc))
+        raise EngineGone from None
     except EngineUnavailable:
         accounting.close()
         forget_route(model)
@@ -453,7 +460,11 @@ class _ColdStream:
 
 
 def _error_event(response: HttpResponse) -> bytes:
-    return b"data: " + response.content + b"\n\n"
+    """An error as the last event of a stream that began with a 200: the OpenAI shape, plus the
+    status the error would have had as an answer of its own."""
+    body = json.loads(response.content)
+    body["error"]["status"] = response.status_code
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
 def cold_stream(model: CatalogModel, *, path: str, payload: bytes, budget_s: float) -> EventStream:

@@ -82,7 +82,9 @@ async function readStream(response, onToken) {
       } catch (_) {
         continue;
       }
-      if (chunk.error) throw new ApiError(500, chunk.error);
+      // A stream that began before its model was ready ends with an error event when the load
+      // fails or outlasts the budget; it says which status the error would have had.
+      if (chunk.error) throw new ApiError(chunk.error.status || 502, chunk.error);
       const choice = (chunk.choices || [])[0] || {};
       const piece = (choice.delta && choice.delta.content) || choice.text || "";
       if (piece) onToken(piece);
@@ -132,6 +134,7 @@ export async function send(app, text) {
   };
   const onToken = (piece) => {
     if (app.waiting) {
+      markReady(app, modelId);
       app.waiting = false;
       app.barShownForRequest = false;
       reply.classList.remove("pending");
@@ -153,13 +156,20 @@ export async function send(app, text) {
         headers: { ...jsonHeaders(app.config), "X-Porten-Warmup-Budget": String(app.config.warmupBudgetS) },
         body: JSON.stringify(settingsBody(app, modelId)),
       });
+      let error;
       if (response.ok) {
-        markReady(app, modelId);
-        await readStream(response, onToken);
-        break;
+        // The headers come at once, also while a cold model loads: the bar goes on until a token.
+        try {
+          await readStream(response, onToken);
+          break;
+        } catch (streamError) {
+          if (!(streamError instanceof ApiError) || chunks > 0) throw streamError;
+          error = streamError;
+        }
+      } else {
+        error = await readError(response);
       }
-      const error = await readError(response);
-      if (response.status === 503 && error.code === "model_warming") {
+      if (error.status === 503 && error.code === "model_warming") {
         // The load goes on without us; ask again when it should be further along.
         const retryAfter = Number(response.headers.get("Retry-After")) || 2;
         pollState(app, modelId);

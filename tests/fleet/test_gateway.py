@@ -257,3 +257,20 @@ def test_embeddings_load_on_demand_in_the_openai_shape(client, node_worker, hf):
     with pytest.raises(openai.BadRequestError) as bad_input:
         client.embeddings.create(model="gemma-embed", input=[])
     assert bad_input.value.body["param"] == "input"
+
+
+def test_an_engine_the_hub_cannot_reach_fails_with_a_reason_naming_the_address(live_hub, api_key, node_worker_factory,
+                                                                                 hf):
+    # The node's engines listen on one address while it tells the hub another: healthy to the node,
+    # unreachable from the hub.
+    node_worker_factory(PORTEN_NODE_ADDRESS="127.0.0.9", PORTEN_ENGINE_BIND="127.0.0.8")
+    offered("gemma-unreachable")
+    started = time.monotonic()
+    reply = httpx.post(live_hub.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
+                       json={"model": "gemma-unreachable", "messages": HELLO, "max_tokens": 4}, timeout=120)
+    assert reply.status_code in (502, 503), reply.text
+    assert time.monotonic() - started < 60, "not a hang"
+    failed = Instance.objects.filter(model__model_id="gemma-unreachable", phase=Phase.FAILED).latest("created_at")
+    assert "127.0.0.9" in failed.last_error and "cannot reach" in failed.last_error
+    shown = httpx.get(live_hub.url + "/public/v1/models/warming", params={"model": "gemma-unreachable"}).json()
+    assert shown["phase"] in {"failed", "queued", "downloading", "loading", "ready"}
