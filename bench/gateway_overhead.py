@@ -219,7 +219,7 @@ def main() -> None:
             proc = start_engine(engine, launch, log_path=stack.workdir / "llama.log")
             try:
                 wait_until_healthy(engine, launch, proc, timeout_s=120)
-                stack.serving("gemma-3-270m", launch.port)
+                stack.serving("gemma-3-270m", launch.port, slots=1)
                 llama_targets = {"direct": (f"http://127.0.0.1:{launch.port}", None), "porten": (hub, key)}
                 print("\nllama.cpp (llama-cpp-python server), Gemma 3 270M on the CPU, 8 tokens per answer:")
                 # Not streaming with several clients: llama-cpp-python's server hangs on concurrent

@@ -157,7 +157,7 @@ class Stack:
         wait_http(health_url, timeout_s=120)
         return proc
 
-    def serving(self, model_id: str, port: int, *, vram_mb: int = 1024) -> None:
+    def serving(self, model_id: str, port: int, *, vram_mb: int = 1024, slots: int = 10_000) -> None:
         """A catalog model with a ready instance on `port`, as if a node had loaded it there."""
         from django.utils import timezone
 
@@ -171,8 +171,9 @@ class Stack:
         model, _ = CatalogModel.objects.get_or_create(model_id=model_id, defaults=dict(
             display_name=model_id, hf_repo=f"bench/{model_id}", weight_format="gguf", engine="llamacpp",
             context_length=4096, vram_mb=vram_mb, disk_mb=100))
+        # The stub serves any number of requests at once (unless started with --slots).
         Instance.objects.create(model=model, node=node, phase="ready", port=port, vram_mb=vram_mb,
-                                ready_at=timezone.now())
+                                ready_at=timezone.now(), slots=slots)
 
     def _keep_heartbeat(self, node_pk: int) -> None:
         """No node agent runs in a benchmark: beat for it, or the hub takes the node for dead."""
