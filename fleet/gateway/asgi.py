@@ -143,6 +143,9 @@ class GatewayApp:
 async def send_response(response: HttpResponse, send) -> None:
     start = {"type": "http.response.start", "status": response.status_code, "headers": response_headers(response)}
     if not isinstance(response, EventStream):
+        if not response.has_header("Content-Length"):
+            response["Content-Length"] = str(len(response.content))  # framed by its length, not chunked
+            start["headers"] = response_headers(response)
         await send(start)
         await send({"type": "http.response.body", "body": response.content})
         return

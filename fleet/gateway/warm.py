@@ -407,6 +407,7 @@ async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model:
             return response
         response = HttpResponse(content, status=upstream.status,
                                 content_type=upstream.headers.get("Content-Type", "application/json"))
+        response["Content-Length"] = str(len(content))  # framed by its length, not chunked
         _porten_headers(response, route, accounting.queued_s)
         return response
     response = EventStream(_EngineStream(upstream, accounting))
