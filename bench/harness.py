@@ -357,6 +357,24 @@ def _request(url: str, path: str, body: dict, api_key: str | None) -> tuple[str,
     return target.host, target.port or 80, head.encode() + data
 
 
+async def _timed_call(client: LoadClient, host: str, port: int, payload: bytes, timeout_s: float, stream: bool,
+                      sample: Sample, started: float) -> None:
+    """One request over `client`, recorded in `sample`: its latency (and time to first byte when
+    streamed), or what its failure was."""
+    try:
+        status, first = await client.exchange(host, port, payload, timeout_s)
+    except (OSError, TimeoutError, ValueError, httpx.HTTPError) as exc:
+        sample.failed(type(exc).__name__)
+        return
+    ended = time.perf_counter()
+    if status != 200:
+        sample.failed(f"HTTP {status}")
+        return
+    if stream:
+        sample.ttft_s.append((first or ended) - started)
+    sample.latencies_s.append(ended - started)
+
+
 async def load(url: str, *, model: str, concurrency: int, requests: int, stream: bool, api_key: str | None,
                max_tokens: int = 16, path: str = "/v1/chat/completions", spread_s: float = 0.0,
                client: LoadClient | None = None, timeout_s: float = 120) -> Sample:
@@ -387,23 +405,10 @@ async def load(url: str, *, model: str, concurrency: int, requests: int, stream:
         await asyncio.sleep(random.uniform(0, spread_s) if concurrency > 1 else 0)
         while remaining[0] > 0:
             remaining[0] -= 1
-            started = time.perf_counter()
-            try:
-                status, first = await client.exchange(host, port, payload, timeout_s)
-            except (OSError, TimeoutError, ValueError, httpx.HTTPError) as exc:
-                sample.failed(type(exc).__name__)
-                continue
-            ended = time.perf_counter()
-            if status != 200:
-                sample.failed(f"HTTP {status}")
-                continue
-            if stream:
-                sample.ttft_s.append((first or ended) - started)
-            sample.latencies_s.append(ended - started)
+            await _timed_call(client, host, port, payload, timeout_s, stream, sample, time.perf_counter())
 
     await asyncio.gather(*[worker() for _ in range(concurrency)])
     return sample
-
 
 
 async def load_window(url: str, *, model: str, concurrency: int, ramp_s: float, window_s: float, stream: bool,
@@ -432,22 +437,12 @@ async def load_window(url: str, *, model: str, concurrency: int, ramp_s: float, 
     async def worker():
         await asyncio.sleep(random.uniform(0, spread_s) if concurrency > 1 else 0)
         while (started := time.perf_counter()) < ends:
-            sample = ramp if started < window_from else window
-            try:
-                status, first = await client.exchange(host, port, payload, timeout_s)
-            except (OSError, TimeoutError, ValueError, httpx.HTTPError) as exc:
-                sample.failed(type(exc).__name__)
-                continue
-            ended = time.perf_counter()
-            if status != 200:
-                sample.failed(f"HTTP {status}")
-                continue
-            if stream:
-                sample.ttft_s.append((first or ended) - started)
-            sample.latencies_s.append(ended - started)
+            await _timed_call(client, host, port, payload, timeout_s, stream,
+                              ramp if started < window_from else window, started)
 
     await asyncio.gather(*[worker() for _ in range(concurrency)])
     return ramp, window
+
 
 def summary(sample: Sample) -> dict:
     return {
