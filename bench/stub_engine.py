@@ -4,6 +4,11 @@ python bench/stub_engine.py --port 9100 --token-delay-ms 2 --tokens 16 [--host H
 Answers GET /v1/models, GET /health, POST /v1/chat/completions and /v1/completions (stream or not)
 with the same tokens every time, spaced by a fixed delay, over HTTP/1.1 keep-alive.
 
+With --full-stream a streamed answer also opens with a role chunk (chat) and closes with a
+finish_reason chunk, as llama.cpp's and vLLM's do, so that a client can check it is whole
+(bench/soak.py); without it, only the content chunks and [DONE] are sent (the bytes the gateway
+benches have always measured).
+
 With --slots N it generates at most N answers at once, as llama.cpp's parallel slots do: a
 completion beyond them waits inside the stub, in arrival order, and its token clock starts when
 it gets a slot. Without it, every request is answered at once.
@@ -49,8 +54,8 @@ class Answers:
     """The stub's answers, each made once: `created` is the stub's start time, so the same request
     always gets the same bytes."""
 
-    def __init__(self, tokens: int) -> None:
-        self.tokens, self.created = tokens, int(time.time())
+    def __init__(self, tokens: int, full_stream: bool = False) -> None:
+        self.tokens, self.created, self.full_stream = tokens, int(time.time()), full_stream
         self.made: dict[tuple, object] = {}
 
     def count(self, request: dict) -> int:
@@ -68,6 +73,16 @@ class Answers:
                     {"index": 0, "text": word, "finish_reason": None}
                 parts.append(_chunk({"id": "stub-1", "object": "chat.completion.chunk" if chat else "text_completion",
                                      "created": self.created, "model": model, "choices": [choice]}))
+            if self.full_stream:  # the role rides on the first token's write, the finish on the last's
+                kind = "chat.completion.chunk" if chat else "text_completion"
+                head = {"id": "stub-1", "object": kind, "created": self.created, "model": model}
+                end = {"index": 0, "delta": {}, "finish_reason": "length"} if chat else \
+                    {"index": 0, "text": "", "finish_reason": "length"}
+                role = _chunk({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                    "finish_reason": None}]}) if chat else b""
+                parts = parts or [b""]
+                parts[0] = role + parts[0]
+                parts[-1] += _chunk({**head, "choices": [end]})
             self.made[key] = parts[:-1] + [(parts[-1] if parts else b"") + DONE]
         return self.made[key]
 
@@ -205,8 +220,8 @@ class StubConnection(asyncio.Protocol):
 
 
 async def serve(port: int, tokens: int, token_delay_s: float, *, host: str = "127.0.0.1",
-                slots: int | None = None) -> None:
-    answers = Answers(tokens)
+                slots: int | None = None, full_stream: bool = False) -> None:
+    answers = Answers(tokens, full_stream)
     shared_slots = Slots(slots) if slots else None
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: StubConnection(answers, token_delay_s, shared_slots), host, port,
@@ -222,5 +237,8 @@ if __name__ == "__main__":
     parser.add_argument("--token-delay-ms", type=float, default=2.0)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--slots", type=int, default=None, help="completions generated at once (default: no cap)")
+    parser.add_argument("--full-stream", action="store_true",
+                        help="streams open with a role chunk and close with a finish_reason chunk")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.tokens, args.token_delay_ms / 1000, host=args.host, slots=args.slots))
+    asyncio.run(serve(args.port, args.tokens, args.token_delay_ms / 1000, host=args.host, slots=args.slots,
+                      full_stream=args.full_stream))

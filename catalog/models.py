@@ -1,10 +1,14 @@
 """CatalogModel: one model an operator offers, with where its weights come from and what it needs."""
 from __future__ import annotations
 
+import re
+
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import F, Q
+
+from .engine_args import default_engine_args, engine_args_errors, has_flag, tool_parser_for
 
 # Canonical ids are slugs that may carry a version dot, as model names do: "qwen2.5-coder-32b".
 MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$|^[a-z0-9]$"
@@ -64,6 +68,13 @@ class CatalogModel(models.Model):
         help_text="llama.cpp chat format for GGUF files without a chat template (e.g. gemma).",
     )
     context_length = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    engine_args = models.JSONField(
+        "engine arguments", default=list, blank=True,
+        help_text='Extra arguments for the engine, e.g. ["--max-num-seqs", "64"]. Flags Porten sets itself '
+                  '(port, host, model, context length, memory) are refused.')
+    aliases = models.JSONField(
+        default=list, blank=True,
+        help_text='Other names clients may send as "model", e.g. ["gpt-4o-mini"]; unique across the catalog.')
 
     supports_chat = models.BooleanField("chat", default=True)
     supports_tools = models.BooleanField("tools", default=False)
@@ -88,6 +99,9 @@ class CatalogModel(models.Model):
         "target requests per replica", null=True, blank=True, validators=[MinValueValidator(1)],
         help_text="Concurrent requests one replica should carry; above it for a few seconds, another "
                   "replica loads. Empty: the engine's parallel slots.")
+    idle_ttl_s = models.PositiveIntegerField(
+        "idle time (s)", null=True, blank=True, validators=[MinValueValidator(1)],
+        help_text="Unload after this long without a request; empty: the demand window (PORTEN_DEMAND_WINDOW_S).")
     enabled = models.BooleanField(default=True, help_text="Offered to users through /v1.")
 
     created_at = models.DateTimeField(auto_now_add=True)
@@ -127,8 +141,43 @@ class CatalogModel(models.Model):
             errors["hf_files"] = "A list of file names or glob patterns."
         if self.max_replicas is not None and self.min_replicas is not None and self.min_replicas > self.max_replicas:
             errors["min_replicas"] = f"At most max_replicas ({self.max_replicas})."
+        if self.engine and (problems := engine_args_errors(self.engine, self.engine_args)):
+            errors["engine_args"] = " ".join(problems)
+        elif (self.engine == EngineName.VLLM and self.supports_tools and not tool_parser_for(self.hf_repo)
+              and not has_flag(self.engine_args, "--tool-call-parser")):
+            errors["engine_args"] = ("Tool calling on vLLM needs a parser for this model's family, and Porten "
+                                     "knows none for this repo: add --tool-call-parser <name> (see vLLM's docs).")
+        if problem := self.aliases_problem():
+            errors["aliases"] = problem
+        if self.model_id and (owner := next((other for other, names in CatalogModel.objects.exclude(
+                pk=self.pk).values_list("model_id", "aliases") if self.model_id in (names or [])), None)):
+            errors["model_id"] = f"{self.model_id!r} is an alias of the model {owner!r}."
         if errors:
             raise ValidationError(errors)
+
+    def aliases_problem(self) -> str:
+        """Why these aliases cannot be used, or "": slugs like ids, none equal to any id or alias of
+        another model (or to this one's own id)."""
+        aliases = self.aliases
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            return 'A list of names, e.g. ["gpt-4o-mini"].'
+        bad = [a for a in aliases if not re.fullmatch(MODEL_ID_PATTERN, a) or len(a) > 100]
+        if bad:
+            return f"{bad[0]!r} is not a valid name: {model_id_validator.message}"
+        if len(set(aliases)) != len(aliases) or self.model_id in aliases:
+            return "Each alias once, and none equal to this model's own id."
+        for other_id, other_aliases in CatalogModel.objects.exclude(pk=self.pk).values_list("model_id", "aliases"):
+            taken = {other_id, *(other_aliases or [])}
+            if clash := next((a for a in aliases if a in taken), None):
+                return f"{clash!r} already names the model {other_id!r}."
+        return ""
+
+    @property
+    def serving_args(self) -> list[str]:
+        """The engine's extra arguments: the operator's, plus what the model's capabilities need."""
+        args = list(self.engine_args or [])
+        return args + default_engine_args(engine=self.engine, supports_tools=self.supports_tools,
+                                          repo=self.hf_repo or self.model_id, args=args)
 
     @property
     def engine_slots(self) -> int:

@@ -1,16 +1,30 @@
-"""Operators watch the fleet here: nodes with their memory, instances with their phase and progress."""
+"""Operators watch the fleet here: nodes with their memory, instances with their phase and progress.
+Both are the fleet's own records (agents and engines stand behind them): read-only, changed through
+actions that call the same services as the operator API."""
 from django.contrib import admin
 from django.utils.html import format_html
 
-from catalog.admin import readable_mb
+from porten.audit import audit_record
+from porten.units import mb_from_bytes, readable_mb
 
 from .models import Instance, Node
-from .dispatch import instance_enqueue_unload
+from .placement import instance_unload
 from .services import node_set_draining
 
 
+class FleetRecordAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
 @admin.register(Node)
-class NodeAdmin(admin.ModelAdmin):
+class NodeAdmin(FleetRecordAdmin):
     list_display = ["name", "address", "hostname", "draining", "has_gpu", "devices", "memory", "disk_free", "running",
                     "last_heartbeat_at"]
     readonly_fields = [f.name for f in Node._meta.fields]
@@ -21,12 +35,14 @@ class NodeAdmin(admin.ModelAdmin):
     def drain(self, request, queryset):
         for node in queryset:
             node_set_draining(name=node.name, draining=True)
+            audit_record(user=request.user, action="node.drain", target=node.name, detail={"via": "admin"})
         self.message_user(request, f"Draining {queryset.count()} node(s).")
 
     @admin.action(description="Undrain selected nodes (take placements again)")
     def undrain(self, request, queryset):
         for node in queryset:
             node_set_draining(name=node.name, draining=False)
+            audit_record(user=request.user, action="node.undrain", target=node.name, detail={"via": "admin"})
         self.message_user(request, f"{queryset.count()} node(s) take placements again.")
 
     @admin.display(description="devices")
@@ -47,7 +63,7 @@ class NodeAdmin(admin.ModelAdmin):
 
 
 @admin.register(Instance)
-class InstanceAdmin(admin.ModelAdmin):
+class InstanceAdmin(FleetRecordAdmin):
     list_display = ["model", "node", "phase", "progress", "port", "pid", "load_seconds", "ready_at", "short_error",
                     "placement_reason"]
     list_filter = ["phase", "node"]
@@ -60,8 +76,8 @@ class InstanceAdmin(admin.ModelAdmin):
         if not instance.bytes_total:
             return "—"
         pct = 100 * instance.bytes_done / instance.bytes_total
-        return format_html("{} of {} ({}%)", readable_mb(instance.bytes_done // 1_048_576),
-                           readable_mb(instance.bytes_total // 1_048_576), f"{pct:.1f}")
+        return format_html("{} of {} ({}%)", readable_mb(mb_from_bytes(instance.bytes_done)),
+                           readable_mb(mb_from_bytes(instance.bytes_total)), f"{pct:.1f}")
 
     @admin.display(description="error")
     def short_error(self, instance: Instance) -> str:
@@ -69,6 +85,10 @@ class InstanceAdmin(admin.ModelAdmin):
 
     @admin.action(description="Unload selected instances (weights stay on disk)")
     def unload(self, request, queryset):
-        for instance in queryset.select_related("node"):
-            instance_enqueue_unload(instance)
-        self.message_user(request, f"Asked {queryset.count()} instance(s) to unload.")
+        asked = 0
+        for instance in queryset.select_related("model", "node"):
+            if instance_unload(instance=instance):
+                asked += 1
+                audit_record(user=request.user, action="instance.unload", target=instance.model.model_id,
+                             detail={"node": instance.node.name, "instance": instance.pk, "via": "admin"})
+        self.message_user(request, f"Asked {asked} instance(s) to unload.")

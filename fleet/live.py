@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from asgiref.sync import async_to_sync
 
 from porten.redis import redis_client
+from porten.units import MB
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ def warming_group(model_id: str) -> str:
     return f"warming.{model_id}"
 
 
+# The operators' fleet page (playground.consumers.FleetConsumer): told that something changed, it
+# reads the fleet afresh, so the message carries nothing.
+FLEET_GROUP = "fleet"
+
+
 @dataclass(frozen=True)
 class WarmingState:
     """One model's load as the node last reported it. `as_dict()` is the wire shape of the warming
@@ -97,12 +103,12 @@ class WarmingState:
             "model": self.model,
             "ready": self.ready,
             "phase": self.phase,
-            "done_mb": round(self.bytes_done / 1_000_000, 1),
-            "total_mb": round(self.bytes_total / 1_000_000, 1),
+            "done_mb": round(self.bytes_done / MB, 1),
+            "total_mb": round(self.bytes_total / MB, 1),
             "pct": self.pct,
             "bytes_done": self.bytes_done,
             "bytes_total": self.bytes_total,
-            "rate_mbps": round(self.rate_bps / 1_000_000, 1),
+            "rate_mbps": round(self.rate_bps / MB, 1),
             "eta_s": self.eta_s,
             "instance": self.instance,
             "node": self.node,
@@ -144,15 +150,30 @@ def publish_state(state: WarmingState) -> None:
         pipe.execute()
     except Exception:
         logger.warning("could not publish state of %s to Redis", state.model, exc_info=True)
+    _group_send([(warming_group(state.model), {"type": "warming.update", "state": state.public().as_dict()}),
+                 (FLEET_GROUP, {"type": "fleet.changed"})], about=state.model)
+
+
+def fleet_changed() -> None:
+    """Tell open fleet pages that a node changed (its heartbeat). Best effort, as every push."""
+    _group_send([(FLEET_GROUP, {"type": "fleet.changed"})], about="the fleet")
+
+
+def _group_send(messages: list[tuple[str, dict]], *, about: str) -> None:
     try:
         from channels.layers import get_channel_layer
 
         layer = get_channel_layer()
-        if layer is not None:
-            async_to_sync(layer.group_send)(warming_group(state.model),
-                                            {"type": "warming.update", "state": state.public().as_dict()})
+        if layer is None:
+            return
+
+        async def send_all() -> None:  # one trip through async_to_sync for all of them
+            for group, message in messages:
+                await layer.group_send(group, message)
+
+        async_to_sync(send_all)()
     except Exception:
-        logger.warning("could not push state of %s to the channel layer", state.model, exc_info=True)
+        logger.warning("could not push the state of %s to the channel layer", about, exc_info=True)
 
 
 def instance_publish(instance, *, rate_bps: float = 0.0) -> None:

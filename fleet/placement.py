@@ -19,6 +19,7 @@ from . import planner
 from .demand import demand_recent, last_requests
 from .dispatch import instance_enqueue_load, instance_enqueue_unload
 from .live import inflight_count, instance_publish
+from .metrics import EVICTIONS, metric_count
 from .models import ACTIVE_PHASES, RESIDENT_PHASES, Instance, Node, Phase, node_stale_s
 from .services import instance_fail_lost
 
@@ -191,6 +192,7 @@ def _apply(model: CatalogModel, decision: planner.Placement) -> Instance:
     marks.execute()
     for victim in victims:
         instance_publish(victim)
+        metric_count(EVICTIONS, victim.model.model_id, "room")
     instance_publish(instance)
     return instance
 
@@ -200,8 +202,10 @@ def instances_unload_idle(*, now_s: float | None = None) -> list[int]:
     now_s = time.time() if now_s is None else now_s
     states = fleet_states()
     model_ids = sorted({i.model_id for s in states for i in s.instances})
+    own_windows = dict(CatalogModel.objects.filter(model_id__in=model_ids, idle_ttl_s__isnull=False).values_list(
+        "model_id", "idle_ttl_s"))
     idle = planner.idle_instances(states, last_requests(model_ids), now_s=now_s,
-                                  window_s=settings.PORTEN_DEMAND_WINDOW_S)
+                                  window_s=settings.PORTEN_DEMAND_WINDOW_S, window_s_for=own_windows)
     kept = _replicas_kept(model_ids)
     unloaded = []
     for _node_name, loaded in idle:
@@ -213,8 +217,10 @@ def instances_unload_idle(*, now_s: float | None = None) -> list[int]:
             instance = Instance.objects.select_related("model", "node").get(pk=loaded.instance_id)
             instance_publish(instance)
             instance_enqueue_unload(instance)
+            metric_count(EVICTIONS, instance.model.model_id, "idle")
             unloaded.append(instance.pk)
-            logger.info("unloading idle %s (no request for %.0f s)", instance, settings.PORTEN_DEMAND_WINDOW_S)
+            logger.info("unloading idle %s (no request for %.0f s)", instance,
+                        own_windows.get(loaded.model_id, settings.PORTEN_DEMAND_WINDOW_S))
     return unloaded
 
 
@@ -264,14 +270,16 @@ def _replicas_kept(model_ids: list[str]) -> dict[str, int]:
         "model_id", "min_replicas"))
 
 
-def _unload(instance_id: int, why: str) -> bool:
-    """Ready -> draining (in-flight requests finish), then the node unloads it."""
+def _unload(instance_id: int, why: str, *, reason: str = "operator") -> bool:
+    """Ready -> draining (in-flight requests finish), then the node unloads it. `reason` is the
+    eviction's label in porten_evictions_total."""
     if not Instance.objects.filter(pk=instance_id, phase=Phase.READY).update(
             phase=Phase.DRAINING, updated_at=timezone.now()):
         return False
     instance = Instance.objects.select_related("model", "node").get(pk=instance_id)
     instance_publish(instance)
     instance_enqueue_unload(instance)
+    metric_count(EVICTIONS, instance.model.model_id, reason)
     logger.info("unloading %s: %s", instance, why)
     return True
 
@@ -310,7 +318,7 @@ def nodes_drain_sweep(*, idle_s: float | None = None) -> list[int]:
             why = f"node {instance.node.name} is draining and {instance.model.model_id} is not in use"
         else:
             continue
-        if _unload(instance.pk, why):
+        if _unload(instance.pk, why, reason="drain"):
             moved.append(instance.pk)
     return moved
 
@@ -359,7 +367,8 @@ def replicas_autoscale(*, now_s: float | None = None) -> dict[str, list[int]]:
             client.set(in_key, now_s, nx=True, ex=int(settings.PORTEN_DEMAND_WINDOW_S) + 3600)
             if now_s - float(client.get(in_key) or now_s) >= settings.PORTEN_DEMAND_WINDOW_S:
                 newest = max(ready, key=lambda i: i.replica)
-                if _unload(newest.pk, f"{inflight} requests in flight: {len(ready) - 1} replica(s) carry them"):
+                if _unload(newest.pk, f"{inflight} requests in flight: {len(ready) - 1} replica(s) carry them",
+                           reason="scale_in"):
                     removed.append(newest.pk)
                     client.delete(in_key)
         else:
@@ -377,3 +386,39 @@ def _add_replica(model: CatalogModel, live: list[Instance], *, with_demand: bool
             return _apply(model, replace(decision, reason=f"replica {len(live) + 1}: {why}; {decision.reason}"))
         except IntegrityError:
             return None
+
+
+# --- operators --------------------------------------------------------------------------------
+
+def instance_load_now(*, model: CatalogModel, node_name: str = "") -> Instance:
+    """Load the model now (an operator's request): wherever the planner chooses, or on the named node,
+    as one more replica when it is live elsewhere. Its live instance there when it has one."""
+    if not node_name:
+        return instance_ensure(model=model)
+    with placement_lock():
+        live = live_instances(model)
+        if (here := next((i for i in live if i.node.name == node_name), None)) is not None:
+            return here
+        if not Node.objects.filter(name=node_name).exists():
+            raise PlacementError("node_not_found", f"there is no node named {node_name!r}")
+        states = [s for s in fleet_states(placeable=True) if s.name == node_name]
+        if not states:
+            raise PlacementError("node_unavailable", f"node {node_name} is offline or draining")
+        if len(live) >= model.max_replicas:
+            raise PlacementError("max_replicas", f"{model.model_id} already has {len(live)} live replica(s), "
+                                                 f"its max_replicas; raise it or unload one first")
+        decision = _decide(model, states, replica=bool(live))
+        if isinstance(decision, planner.NoPlacement):
+            raise PlacementError("no_capacity", decision.reason)
+        return _apply(model, replace(decision, reason=f"asked for by an operator; {decision.reason}"))
+
+
+def instance_unload(*, instance: Instance) -> bool:
+    """Unload an instance: a ready one drains its in-flight requests first; a warming one stops its
+    load. False when it is already on its way out."""
+    if instance.phase == Phase.READY:
+        return _unload(instance.pk, "asked for by an operator")
+    if instance.phase in (Phase.QUEUED, Phase.DOWNLOADING, Phase.LOADING):
+        instance_enqueue_unload(instance)
+        return True
+    return False

@@ -1,17 +1,31 @@
-"""The warming websocket: a snapshot of one model's load on connect, then every change, throttled."""
+"""The playground's websockets: one model's warming (a snapshot on connect, then every change,
+throttled), and the operators' fleet page (the whole fleet on connect, then after changes and on a timer)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
+from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from catalog.selectors import offered_model_aget
-from fleet.live import warming_group
+from fleet.live import FLEET_GROUP, warming_group
 from fleet.selectors import model_warming_state
 
+from .selectors import fleet_overview
+
+logger = logging.getLogger(__name__)
+
 CLOSE_UNAUTHENTICATED = 4401
+CLOSE_NOT_STAFF = 4403
 CLOSE_UNKNOWN_MODEL = 4404
+
+# Requests in flight and demand change with every request, which pushes nothing (the /v1 path stays
+# as it is): an open fleet page reads them on this timer. Pushed changes (a phase, a download's
+# progress, a heartbeat) are read at most once per FLEET_MIN_INTERVAL_S.
+FLEET_REFRESH_S = 2.0
+FLEET_MIN_INTERVAL_S = 0.25
 
 # The node publishes about four states a second; a browser needs no more than five.
 MIN_INTERVAL_S = 0.2
@@ -88,3 +102,69 @@ class WarmingConsumer(AsyncJsonWebsocketConsumer):
         self.last_sent_at = time.monotonic()
         self.last_phase = state.get("phase")
         await self.send_json(state)
+
+
+class FleetConsumer(AsyncJsonWebsocketConsumer):
+    """`/ws/fleet/`, for staff only. Each message is the whole fleet (`fleet_overview`, with `type`
+    "fleet"): on connect, soon after a change pushed to the fleet group, and every FLEET_REFRESH_S.
+    A push carries nothing but "something changed", so a lost one costs at most one timer period."""
+
+    joined = False
+    refresher: asyncio.Task | None = None
+
+    async def connect(self) -> None:
+        self.changed = asyncio.Event()
+        await self.accept()  # then close with a code the page can read (see WarmingConsumer)
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        if not (user.is_active and user.is_staff):
+            await self.close(code=CLOSE_NOT_STAFF)
+            return
+        # Join before reading, so no change falls between the snapshot and the first push.
+        await self.channel_layer.group_add(FLEET_GROUP, self.channel_name)
+        self.joined = True
+        await self._send_overview()
+        self.refresher = asyncio.create_task(self._refresh())
+
+    async def disconnect(self, code: int) -> None:
+        if self.refresher is not None:
+            self.refresher.cancel()
+        if self.joined:
+            await self.channel_layer.group_discard(FLEET_GROUP, self.channel_name)
+
+    @classmethod
+    async def decode_json(cls, text_data):
+        try:
+            return await super().decode_json(text_data)
+        except ValueError:
+            return None
+
+    async def receive_json(self, content, **kwargs) -> None:
+        # The page asks again when it suspects it missed something (a tab woken from sleep).
+        if isinstance(content, dict) and content.get("type") == "refresh" and self.joined:
+            self.changed.set()
+
+    async def fleet_changed(self, event: dict) -> None:
+        self.changed.set()
+
+    async def _refresh(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.changed.wait(), timeout=FLEET_REFRESH_S)
+            except asyncio.TimeoutError:
+                pass
+            self.changed.clear()
+            await self._send_overview()
+            # A download pushes about four changes a second: those that come meanwhile share the next read.
+            await asyncio.sleep(FLEET_MIN_INTERVAL_S)
+
+    async def _send_overview(self) -> None:
+        try:
+            overview = await sync_to_async(fleet_overview, thread_sensitive=False)()
+        except Exception:
+            # Redis or the database away for a moment: the page keeps what it has, the timer tries again.
+            logger.warning("could not read the fleet for a fleet page", exc_info=True)
+            return
+        await self.send_json({"type": "fleet", **overview})

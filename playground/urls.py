@@ -8,4 +8,5 @@ urlpatterns = [
     path("", RedirectView.as_view(url="/playground/", permanent=False), name="home"),
     path("playground/", views.playground, name="playground"),
     path("playground/prewarm", views.prewarm, name="playground-prewarm"),
+    path("fleet/", views.fleet_page, name="fleet-page"),
 ]

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 from importlib import import_module
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.contrib.auth import aget_user
+from django.contrib.auth import aget_user, get_user_model
 from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
 
@@ -14,6 +15,7 @@ from .cache import Cache
 from .redis import aredis_client, redis_client
 from .errors import error_response
 from .keys import api_key_afor, bearer_token
+from .scopes import Scope, key_scope, user_scope
 
 KEY_TTL_S = 10.0  # a revoked key stops working within this long in every hub process
 TOUCH_EVERY = timedelta(minutes=1)  # last use is recorded at most this often (not per request)
@@ -25,8 +27,8 @@ class ApiKeyUser:
     is_authenticated = True
     is_anonymous = False
 
-    def __init__(self, api_key) -> None:
-        self.api_key = api_key
+    def __init__(self, api_key, scope) -> None:
+        self.api_key, self.scope = api_key, scope
 
     def __str__(self) -> str:
         return f"api-key:{self.api_key.name}"
@@ -40,7 +42,7 @@ async def _key_lookup(raw_key: str) -> ApiKeyUser | None:
     if api_key.last_used_at is None or stamp - api_key.last_used_at > TOUCH_EVERY:
         await type(api_key).objects.filter(pk=api_key.pk).aupdate(last_used_at=stamp)
         api_key.last_used_at = stamp
-    return ApiKeyUser(api_key)
+    return ApiKeyUser(api_key, await sync_to_async(key_scope, thread_sensitive=False)(api_key))
 
 
 # Kept by the key as sent: a dict lookup, where hashing it costs more per request. A bad key is
@@ -49,10 +51,31 @@ _keys: Cache[str, ApiKeyUser] = Cache("api-key", _key_lookup, ttl_s=KEY_TTL_S, s
 
 
 async def api_key_user(raw_key: str) -> ApiKeyUser | None:
-    """The caller behind an API key, or None for a missing, unknown or revoked one."""
+    """The caller behind an API key, or None for a missing, unknown, revoked or expired one."""
     if not raw_key:
         return None
-    return await _keys.get(raw_key)
+    user = await _keys.get(raw_key)
+    if user is not None and user.api_key.expires_at is not None and user.api_key.expires_at <= timezone.now():
+        return None
+    return user
+
+
+async def _user_scope_lookup(user_id: int) -> Scope | None:
+    user = await get_user_model().objects.filter(pk=user_id).afirst()
+    return None if user is None else await sync_to_async(user_scope, thread_sensitive=False)(user)
+
+
+_user_scopes: Cache[int, Scope] = Cache("user-scope", _user_scope_lookup, ttl_s=KEY_TTL_S)
+
+
+async def caller_scope(caller) -> Scope:
+    """What the caller (from authenticate_async) may use: a key's scope, a person's policy; staff
+    have no bound."""
+    if isinstance(caller, ApiKeyUser):
+        return caller.scope
+    if getattr(caller, "is_staff", False):
+        return Scope(bucket=f"user:{caller.pk}", user_id=caller.pk)
+    return await _user_scopes.get(caller.pk) or Scope(bucket=f"user:{caller.pk}", user_id=caller.pk, models=frozenset())
 
 
 async def authenticate_async(request) -> tuple[object | None, bool]:

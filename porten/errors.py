@@ -22,7 +22,7 @@ def error_response(
     return response
 
 
-def unauthorized(message: str = "Missing or invalid API key. Send 'Authorization: Bearer <key>'.") -> JsonResponse:
+def unauthorized(message: str = "Missing, invalid, revoked or expired API key. Send 'Authorization: Bearer <key>'.") -> JsonResponse:
     return error_response(401, message, type="invalid_request_error", code="invalid_api_key")
 
 
@@ -35,3 +35,13 @@ def model_not_found(model_id: str) -> JsonResponse:
 
 def invalid_request(message: str, *, param: str | None = None, status: int = 400, code: str | None = None) -> JsonResponse:
     return error_response(status, message, type="invalid_request_error", code=code, param=param)
+
+
+def csrf_failure_view(request, reason: str = ""):
+    """Django's CSRF_FAILURE_VIEW: the OpenAI shape for the APIs, Django's own page elsewhere."""
+    if request.path.startswith(("/api/", "/v1/", "/public/")):
+        return error_response(403, "CSRF check failed for a signed-in session; send the X-CSRFToken header, "
+                                   "or use an API key.", type="invalid_request_error", code="csrf_failed")
+    from django.views.csrf import csrf_failure
+
+    return csrf_failure(request, reason=reason)

@@ -100,6 +100,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files served from here: /api/docs/ works without internet
     "channels",
     "porten",
     "catalog",
@@ -164,7 +166,10 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "staticfiles"
-LOGIN_URL = "/admin/login/"
+# Porten's own sign-in page, for anyone with an account; the admin keeps its own (staff only).
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/playground/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -181,6 +186,24 @@ REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "EXCEPTION_HANDLER": "porten.api_errors.drf_exception_handler",
     "UNAUTHENTICATED_USER": None,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+# The OpenAPI schema at /api/schema/: the operator API from its views, /v1's token routes and the
+# warming endpoint (plain async views) added by porten.openapi.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Porten",
+    "DESCRIPTION": "An OpenAI-compatible API (/v1) over a fleet of LLMs loaded on demand, and the operator "
+                   "API (/api/) that manages the catalog, nodes, instances and API keys.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "porten.openapi.add_gateway_paths"],
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 
 # Celery: long, idempotent tasks on Redis. The visibility timeout outlasts the longest
@@ -238,7 +261,19 @@ PORTEN_PREWARM_ON_PICK = env_bool("PORTEN_PREWARM_ON_PICK", True)
 PORTEN_UPSTREAM_TIMEOUT_S = env_float("PORTEN_UPSTREAM_TIMEOUT_S", 600.0)
 # A streamed request waiting for a cold model gets an SSE comment this often (proxies keep it open).
 PORTEN_STREAM_KEEPALIVE_S = env_float("PORTEN_STREAM_KEEPALIVE_S", 10.0)
+# GET /metrics wants 'Authorization: Bearer <this>' when set; empty: open (keep it on a private network).
+PORTEN_METRICS_TOKEN = env_str("PORTEN_METRICS_TOKEN", "")
 DATA_UPLOAD_MAX_MEMORY_SIZE = PORTEN_MAX_BODY_BYTES
+CSRF_FAILURE_VIEW = "porten.errors.csrf_failure_view"
+# Flower, as scripts/flower.sh starts it (that script reads the same variables, and the password:
+# PORTEN_FLOWER_PASSWORD, else one it generates once into $PORTEN_VAR_DIR/flower_password).
+# The hub only links to it from the fleet page.
+PORTEN_FLOWER_HOST = env_str("PORTEN_FLOWER_HOST", "127.0.0.1")
+PORTEN_FLOWER_PORT = env_int("PORTEN_FLOWER_PORT", 5555)
+PORTEN_FLOWER_USER = env_str("PORTEN_FLOWER_USER", "admin")
+
+# Usage tallied by the hub processes moves from Redis into the database this often.
+PORTEN_USAGE_PERSIST_S = env_float("PORTEN_USAGE_PERSIST_S", 10.0)
 
 CELERY_BEAT_SCHEDULE = {
     "unload-idle-instances": {"task": "fleet.tasks.unload_idle_instances", "schedule": PORTEN_IDLE_SWEEP_S},
@@ -246,6 +281,7 @@ CELERY_BEAT_SCHEDULE = {
     "fail-lost-nodes": {"task": "fleet.tasks.fail_lost_nodes", "schedule": PORTEN_HEARTBEAT_S / 2},
     "autoscale-replicas": {"task": "fleet.tasks.autoscale_replicas", "schedule": PORTEN_AUTOSCALE_S},
     "move-off-draining-nodes": {"task": "fleet.tasks.move_off_draining_nodes", "schedule": PORTEN_AUTOSCALE_S},
+    "persist-usage": {"task": "porten.tasks.persist_usage", "schedule": PORTEN_USAGE_PERSIST_S},
 }
 
 LOGGING = {

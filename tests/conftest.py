@@ -83,9 +83,11 @@ def live_hub(django_db_setup, django_db_blocker, tmp_path_factory):
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             hub_command("127.0.0.1", port),
-            # Aging at 2 s (10 s by default) keeps the starvation test short.
-            cwd=REPO_ROOT, env=service_env(PORTEN_BUSY_AGING_S="2", PORTEN_STREAM_KEEPALIVE_S="1"), stdout=out,
-            stderr=subprocess.STDOUT,
+            # Aging at 2 s (10 s by default) keeps the starvation test short. Its metrics files in a
+            # folder of its own, as scripts/run.sh gives the hub.
+            cwd=REPO_ROOT, env=service_env(PORTEN_BUSY_AGING_S="2", PORTEN_STREAM_KEEPALIVE_S="1",
+                                           PROMETHEUS_MULTIPROC_DIR=str(tmp_path_factory.mktemp("hub-metrics"))),
+            stdout=out, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:

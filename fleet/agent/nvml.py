@@ -5,9 +5,9 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-logger = logging.getLogger(__name__)
+from porten.units import MB
 
-MB = 1024 * 1024
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,10 @@ from django.utils import timezone
 
 from catalog.models import CatalogModel
 from fleet.dispatch import instance_enqueue_load
-from fleet.live import inflight_count, instance_publish
+from fleet.live import fleet_changed, inflight_count, instance_publish
+from fleet.metrics import DOWNLOAD_SECONDS, DOWNLOADED_BYTES, ENGINE_LOAD_SECONDS, LOADS, metric_count, metric_observe
 from fleet.models import RESIDENT_PHASES, Instance, Node, Phase
+from porten.units import mb_from_bytes
 
 from .engines import engine_for
 from .engines.base import Engine, EngineLaunch
@@ -43,7 +45,7 @@ def node_engine(name: str) -> Engine:
 
 
 def model_store() -> ModelStore:
-    return ModelStore(settings.PORTEN_MODEL_DIR)
+    return ModelStore(settings.PORTEN_MODEL_DIR, node=settings.PORTEN_NODE_NAME)
 
 
 def weights_source(model: CatalogModel) -> WeightsSource:
@@ -59,7 +61,7 @@ def cpu_memory_budget_mb() -> int:
     if settings.PORTEN_NODE_MEMORY_MB > 0:
         return settings.PORTEN_NODE_MEMORY_MB
     # Without a GPU the engines share the machine with everything else: offer half of it.
-    return int(psutil.virtual_memory().total // (1024 * 1024) // 2)
+    return mb_from_bytes(psutil.virtual_memory().total) // 2
 
 
 def node_devices(*, node: Node | None = None) -> tuple[bool, list[dict]]:
@@ -122,6 +124,7 @@ def node_heartbeat(*, name: str) -> Node:
         engines=engines, last_heartbeat_at=timezone.now(),
     )
     node.refresh_from_db()
+    fleet_changed()
     return node
 
 
@@ -162,15 +165,20 @@ def instance_load(*, instance_id: int) -> str:
     except LoadAborted as exc:
         logger.info("load of %s stopped: %s", instance, exc)
         _finish_abort(instance)
-        return "aborted"
+        return _load_ended(instance, "aborted")
     except (StoreError, EngineStartError) as exc:
         instance_fail(instance=instance, reason=str(exc))
-        return "failed"
+        return _load_ended(instance, "failed")
     except Exception as exc:
         logger.exception("load of %s failed", instance)
         instance_fail(instance=instance, reason=f"{type(exc).__name__}: {exc}")
-        return "failed"
-    return "ready"
+        return _load_ended(instance, "failed")
+    return _load_ended(instance, "ready")
+
+
+def _load_ended(instance: Instance, outcome: str) -> str:
+    metric_count(LOADS, instance.model.model_id, instance.node.name, outcome)
+    return outcome
 
 
 def _download(instance: Instance):
@@ -201,6 +209,9 @@ def _download(instance: Instance):
     Instance.objects.filter(pk=instance.pk).update(
         bytes_done=stored.bytes_total, bytes_total=stored.bytes_total, downloaded=instance.downloaded,
         download_seconds=instance.download_seconds, updated_at=timezone.now())
+    if instance.downloaded:
+        metric_count(DOWNLOADED_BYTES, instance.model.model_id, instance.node.name, amount=stored.bytes_total)
+        metric_observe(DOWNLOAD_SECONDS, instance.download_seconds, instance.model.model_id)
     return stored
 
 
@@ -228,7 +239,7 @@ def _start_engine(instance: Instance, model_path: str) -> None:
     launch = EngineLaunch(
         instance_id=instance.pk, node_name=node.name, served_model_name=model.model_id, model_path=Path(model_path),
         context_length=model.context_length, port=_engine_port(), host=settings.PORTEN_ENGINE_BIND,
-        chat_format=model.chat_format, embeddings=model.supports_embeddings,
+        chat_format=model.chat_format, embeddings=model.supports_embeddings, extra_args=tuple(model.serving_args),
         vram_mb=model.vram_mb, gpu_indices=tuple(instance.gpu_indices) if node.has_gpu else (),
         gpu_total_mb=int(gpu.get("total_mb", 0)),
     )
@@ -254,6 +265,7 @@ def _start_engine(instance: Instance, model_path: str) -> None:
         raise LoadAborted("asked to stop just as the engine became healthy")
     instance.phase, instance.load_seconds = Phase.READY, round(load_s, 3)
     instance_publish(instance)
+    metric_observe(ENGINE_LOAD_SECONDS, load_s, model.model_id)
     logger.info("%s ready on %s port %s after %.1f s", model.model_id, node.name, proc.port, load_s)
 
 

@@ -9,7 +9,12 @@ from fleet.dispatch import LOAD_TASK, UNLOAD_TASK
 from .services import instance_load, instance_unload
 
 
-@shared_task(name=LOAD_TASK, acks_late=True, ignore_result=False)
+# Acknowledged on receipt, not at the end (the default here): the database is the truth of a load,
+# claims make a repeat harmless, and an agent that restarts requeues the loads it cut off
+# (services.node_reconcile). A message left unacknowledged for a whole download is what makes the
+# worker exit when Redis goes away under it (Celery 5.7 with kombu 5.7 fails to restore it:
+# "Unrecoverable error: AttributeError ... 'hostname'"), instead of reconnecting.
+@shared_task(name=LOAD_TASK, acks_late=False, ignore_result=False)
 def load_instance(instance_id: int) -> str:
     try:
         return instance_load(instance_id=instance_id)

@@ -1,4 +1,5 @@
-"""The gateway's views: /v1/chat/completions, /v1/completions and the public warming endpoint."""
+"""The gateway's views: /v1/chat/completions, /v1/completions, /v1/embeddings (each within the caller's
+scope and limits, its usage recorded) and the public warming endpoint."""
 from __future__ import annotations
 
 import json
@@ -10,10 +11,12 @@ from django.views.decorators.csrf import csrf_exempt
 
 from catalog.selectors import offered_model_aget
 from fleet.selectors import model_replicas, model_warming_state
-from porten.auth import authenticate_async, bad_key_retry_after, csrf_failure, too_many_bad_keys
+from porten.auth import authenticate_async, bad_key_retry_after, caller_scope, csrf_failure, too_many_bad_keys
 from porten.errors import error_response, invalid_request, model_not_found, unauthorized
 
-from .asgi import too_large
+from .asgi import EventStream, too_large
+from .limits import RateLimited, estimated_prompt_tokens, limits_take
+from .metering import Meter, MeteredStream
 from .validation import (
     BadRequest, adapt, pooled_embeddings, validate_chat, validate_common, validate_completion, validate_embeddings,
     validate_limits,
@@ -71,8 +74,10 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
     except BadRequest as exc:
         return invalid_request(exc.message, param=exc.param)
     model = await offered_model_aget(model_id)
-    if model is None:
-        return model_not_found(model_id)
+    scope = await caller_scope(caller)
+    if model is None or not scope.allows(model.model_id):
+        return model_not_found(model_id)  # a model outside the caller's scope is not theirs to know of
+    request.porten_model = model.model_id  # the model label of this request's metrics (porten.metrics)
     embedding = path == "/v1/embeddings"
     if not (model.supports_embeddings if embedding else model.supports_chat):
         needed = "embeddings" if embedding else "chat"
@@ -80,19 +85,61 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
                                f"capabilities include {needed}.", param="model")
     try:
         validate_limits(body, context_length=model.context_length)
-        if adapt(body, engine=model.engine):
+        renamed = model_id != model.model_id  # an alias: the engine serves the model under its id
+        if renamed:
+            body["model"] = model.model_id
+        if adapt(body, engine=model.engine) or renamed:
             raw = json.dumps(body).encode()
     except BadRequest as exc:
         return invalid_request(exc.message, param=exc.param)
-    if embedding:
-        base64_out = body.pop("encoding_format", None) == "base64"
+    stream = bool(body.get("stream")) and not embedding
+    options = body.get("stream_options")
+    client_wants_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    if stream and not client_wants_usage:
+        # Asked of the engine for usage records; MeteredStream keeps it from the client.
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         raw = json.dumps(body).encode()
-        response = await _answer(model, path, raw, stream=False, budget_s=budget_s)
-        if response.status_code == 200:
-            response.content = json.dumps(pooled_embeddings(json.loads(response.content), base64_out=base64_out))
-            response["Content-Length"] = str(len(response.content))
-        return response
-    return await _answer(model, path, raw, stream=bool(body.get("stream")), budget_s=budget_s)
+    estimate = estimated_prompt_tokens(raw)
+    try:
+        taken = await limits_take(scope, estimated_tokens=estimate)
+    except RateLimited as limited:
+        return rate_limited(limited)
+    meter = Meter(scope, model.model_id, taken, estimated_prompt_tokens=estimate, client_wants_usage=client_wants_usage)
+    try:
+        if embedding:
+            base64_out = body.pop("encoding_format", None) == "base64"
+            raw = json.dumps(body).encode()
+            response = await _answer(model, path, raw, stream=False, budget_s=budget_s)
+            if response.status_code == 200:
+                response.content = json.dumps(pooled_embeddings(json.loads(response.content), base64_out=base64_out))
+                response["Content-Length"] = str(len(response.content))
+        else:
+            response = await _answer(model, path, raw, stream=stream, budget_s=budget_s)
+    except BaseException:
+        await meter.finish(prompt_tokens=0, completion_tokens=0)  # cancelled: nothing used, slot back
+        raise
+    if isinstance(response, EventStream):
+        response = metered_stream(response, meter)
+    else:
+        await meter.finish_answer(response.status_code, response.content)
+    for name, value in taken.headers.items():
+        response[name] = value
+    return response
+
+
+def rate_limited(limited: RateLimited) -> HttpResponse:
+    what = {"requests": "requests per minute", "tokens": "tokens per minute",
+            "concurrent": "concurrent requests"}[limited.what]
+    return error_response(429, f"Rate limit reached for {what} on this key; retry after {limited.retry_after_s} s.",
+                          type=limited.what, code="rate_limit_exceeded",
+                          headers={"Retry-After": str(limited.retry_after_s), **limited.headers})
+
+
+def metered_stream(response: EventStream, meter: Meter) -> EventStream:
+    metered = EventStream(MeteredStream(response.source, meter), status=response.status_code)
+    for name, value in response.items():
+        metered[name] = value
+    return metered
 
 
 async def _answer(model, path: str, raw: bytes, *, stream: bool, budget_s: float) -> HttpResponse:
@@ -112,6 +159,7 @@ async def _answer(model, path: str, raw: bytes, *, stream: bool, budget_s: float
         route = await warm_route(model, budget_s=budget_s)
         return await proxy(route, path=path, payload=raw, stream=stream, model=model)
     except WarmupFailed as failure:
+        failure.response["X-Porten-Cold-Start"] = "true"  # it waited for a load, as every answer here says
         return failure.response
     except EngineGone:
         return engine_unavailable(model)

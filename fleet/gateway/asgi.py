@@ -16,6 +16,7 @@ from django.db import close_old_connections
 from django.http import HttpResponse, StreamingHttpResponse
 
 from porten.errors import error_response, invalid_request
+from porten.metrics import NO_MODEL, process_started, process_stopped, request_observe
 
 from .engine_client import close_engine_session
 
@@ -81,12 +82,15 @@ class GatewayApp:
         view = self.routes.get(scope["path"]) if scope["type"] == "http" else None
         if view is None:
             return await self.fallback(scope, receive, send)
+        started = time.perf_counter()
         try:
             body = await read_body(receive, settings.PORTEN_MAX_BODY_BYTES)
         except ClientGone:
             return
         except BodyTooLarge:
-            return await send_response(too_large(), send)
+            await send_response(too_large(), send)
+            request_observe(NO_MODEL, 413, False, time.perf_counter() - started, None)
+            return
         request = ASGIRequest(scope, io.BytesIO(body))
         # A client that leaves cancels the view, and so its engine request (as Django's handler does).
         task = asyncio.current_task()
@@ -101,6 +105,7 @@ class GatewayApp:
 
         listener = asyncio.ensure_future(receive())
         listener.add_done_callback(on_receive)
+        response, first_event_at = None, None
         try:
             try:
                 response = await view(request)
@@ -110,7 +115,7 @@ class GatewayApp:
                 logger.exception("%s %s failed", scope.get("method"), scope["path"])
                 response = error_response(500, "The server failed while handling this request.",
                                           type="server_error", code="internal_error")
-            await send_response(response, send)
+            first_event_at = await send_response(response, send)
         except asyncio.CancelledError:
             if not state["cancelled"]:
                 raise  # the server is stopping
@@ -118,6 +123,12 @@ class GatewayApp:
         finally:
             state["answered"] = True
             listener.cancel()
+            # 499 (as nginx logs it): the client left before its answer was whole.
+            request_observe(getattr(request, "porten_model", NO_MODEL),
+                            499 if state["cancelled"] or response is None else response.status_code,
+                            response is not None and response.get("X-Porten-Cold-Start") == "true",
+                            time.perf_counter() - started,
+                            None if first_event_at is None else first_event_at - started)
         await self.recycle_connections()
 
     async def lifespan(self, receive, send) -> None:
@@ -125,9 +136,11 @@ class GatewayApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                process_started()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await close_engine_session()
+                process_stopped()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -140,7 +153,9 @@ class GatewayApp:
             await sync_to_async(close_old_connections)()
 
 
-async def send_response(response: HttpResponse, send) -> None:
+async def send_response(response: HttpResponse, send) -> float | None:
+    """Send the answer; for an event stream, returns when (time.perf_counter) its first event went
+    out: not an SSE comment (a cold stream's keep-alives) nor an error event."""
     start = {"type": "http.response.start", "status": response.status_code, "headers": response_headers(response)}
     if not isinstance(response, EventStream):
         if not response.has_header("Content-Length"):
@@ -148,15 +163,18 @@ async def send_response(response: HttpResponse, send) -> None:
             start["headers"] = response_headers(response)
         await send(start)
         await send({"type": "http.response.body", "body": response.content})
-        return
-    source = response.source
+        return None
+    source, first_event_at = response.source, None
     try:
         await send(start)
         async for part in source:
             await send({"type": "http.response.body", "body": part, "more_body": True})
+            if first_event_at is None and part[:1] != b":" and not part.startswith(b'data: {"error"'):
+                first_event_at = time.perf_counter()
         await send({"type": "http.response.body"})
     finally:
         await source.aclose()
+    return first_event_at
 
 
 def too_large() -> HttpResponse:

@@ -28,6 +28,7 @@ from fleet.services import instance_fail_unreachable
 from porten.cache import Cache, once
 from porten.errors import error_response
 from porten.loops import per_loop
+from porten.metrics import queue_observe, waiting_for_load
 
 from .asgi import EventStream
 from .engine_client import EngineUnavailable, EngineUnreachable, engine_post, engine_read
@@ -178,6 +179,15 @@ async def warm_route(model: CatalogModel, *, budget_s: float) -> Route:
     """Wait (as a coroutine, no thread held) until the model has a ready engine, placing a load if
     nobody has. Raises WarmupFailed with the error response for no capacity, a failed load, or a
     budget that ran out (the load goes on)."""
+    waiting = waiting_for_load(model.model_id)
+    waiting.inc()
+    try:
+        return await _warm_route(model, budget_s=budget_s)
+    finally:
+        waiting.dec()
+
+
+async def _warm_route(model: CatalogModel, *, budget_s: float) -> Route:
     deadline = time.monotonic() + budget_s
     events = model_events()
     watched: Instance | None = None
@@ -379,6 +389,7 @@ async def proxy(route: Route, *, path: str, payload: bytes, stream: bool, model:
     request also counts as served demand."""
     accounting = _Accounting(route.instance_id, model.model_id if count_served else None)
     await accounting.enter(route.slots)
+    queue_observe(model.model_id, accounting.queued_s)
     try:
         upstream = await engine_post(route.base_url + path, payload)
     except EngineUnreachable as exc:

@@ -202,8 +202,10 @@ def idle_instances(
     *,
     now_s: float,
     window_s: float,
+    window_s_for: Mapping[str, float] | None = None,
 ) -> list[tuple[str, LoadedInstance]]:
-    """(node name, instance) for unpinned evictable instances idle for `window_s`, idlest first.
+    """(node name, instance) for unpinned evictable instances idle for `window_s` (or the model's
+    own window in `window_s_for`), idlest first.
 
     Idle time counts from the later of the model's last request and the instance's
     `loaded_at_s`: a load slower than the window must not be unloaded the moment it is ready.
@@ -217,7 +219,7 @@ def idle_instances(
             if inst.pinned or not inst.evictable:
                 continue
             since = max(last_request_s.get(inst.model_id, inst.loaded_at_s), inst.loaded_at_s)
-            if now_s - since >= window_s:
+            if now_s - since >= (window_s_for or {}).get(inst.model_id, window_s):
                 idle.append((now_s - since, node.name, inst))
     idle.sort(key=lambda t: (-t[0], t[1], t[2].instance_id))
     return [(name, inst) for _, name, inst in idle]

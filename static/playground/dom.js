@@ -22,5 +22,5 @@ export function showNotice(text, linkText, href) {
 }
 
 export function showSessionEnded() {
-  showNotice("Your session has ended.", "Sign in again", `/admin/login/?next=${encodeURIComponent(location.pathname)}`);
+  showNotice("Your session has ended.", "Sign in again", `/accounts/login/?next=${encodeURIComponent(location.pathname)}`);
 }

@@ -18,7 +18,7 @@ def test_changelist_shows_readable_footprints_and_filters(admin_client, catalog_
     catalog_model(model_id="big-one", vram_mb=92000, engine="vllm", weight_format="safetensors", supports_tools=True)
     catalog_model(model_id="small-one", vram_mb=512)
     page = admin_client.get("/admin/catalog/catalogmodel/").content.decode()
-    assert "89.8 GB" in page and "512 MB" in page
+    assert "92.0 GB" in page and "512 MB" in page  # MB and GB of 10^6 and 10^9 bytes
     tools_only = admin_client.get("/admin/catalog/catalogmodel/?capability=tools").content.decode()
     assert "big-one" in tools_only and "small-one" not in tools_only
     vllm_only = admin_client.get("/admin/catalog/catalogmodel/?engine__exact=vllm").content.decode()
@@ -58,7 +58,8 @@ def test_admin_form_rejects_engine_format_mismatch(admin_client):
 def test_admin_creates_api_key_and_shows_it_once(admin_client):
     from porten.keys import api_key_for
 
-    response = admin_client.post("/admin/porten/apikey/add/", {"name": "notebook", "is_active": "on"}, follow=True)
+    response = admin_client.post("/admin/porten/apikey/add/", {"name": "notebook", "role": "user", "is_active": "on"},
+                                 follow=True)
     messages = [str(m) for m in response.context["messages"]]
     raw_key = next(m.split(": ")[-1] for m in messages if "not shown again" in m)
     assert api_key_for(raw_key).name == "notebook"

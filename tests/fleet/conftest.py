@@ -57,9 +57,13 @@ def hf(hf_hub):
     """The session's endpoint with knobs and logs reset for this test."""
     hf_hub.throttle_bytes_per_s = None
     hf_hub.fail_after_bytes = None
-    hf_hub.requests.clear()
+    hf_hub.clear_faults()
+    hf_hub.listing_without_sizes.clear()
+    hf_hub.clear_requests()
     yield hf_hub
     hf_hub.throttle_bytes_per_s = None
+    hf_hub.clear_faults()
+    hf_hub.listing_without_sizes.clear()
 
 
 class NodeWorker:

@@ -55,7 +55,7 @@ def test_cpu_node_has_one_device_with_a_budget_net_of_resident_instances(catalog
 def test_cpu_budget_defaults_to_half_the_machine():
     import psutil
 
-    total_mb = psutil.virtual_memory().total // (1024 * 1024)
+    total_mb = psutil.virtual_memory().total // 1_000_000  # MB of 10^6 bytes, as everywhere
     assert node_devices()[1][0]["total_mb"] == total_mb // 2
 
 

@@ -73,7 +73,7 @@ class Browser:
     def sign_in(self, username: str) -> None:
         page = self.page
         page.goto(self.hub_url + "/playground/")
-        assert "/admin/login/" in page.url, "the playground is for signed-in people"
+        assert "/accounts/login/" in page.url, "the playground is for signed-in people"
         page.fill("#id_username", username)
         page.fill("#id_password", PASSWORD)
         page.click("input[type=submit]")

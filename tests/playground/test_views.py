@@ -46,7 +46,7 @@ def test_root_redirects_to_the_playground(client):
 def test_the_page_requires_login(client):
     response = client.get("/playground/")
     assert response.status_code == 302
-    assert response["Location"] == "/admin/login/?next=/playground/"
+    assert response["Location"] == "/accounts/login/?next=/playground/"
 
 
 def test_the_page_lists_the_offered_catalog_with_states(signed_in):

@@ -24,7 +24,20 @@ Test knobs (plain attributes, settable from any thread while the server runs):
   link: two parallel downloads share it), checked before every chunk, so a change applies at once;
 * ``fail_after_bytes``: ``None`` or N: every file ``GET`` body is cut (socket shut down) after N bytes
   of that response: ``huggingface_hub`` then resumes with a ``Range`` request inside the same call;
-* ``extra_info``: ``{repo_id: {...}}`` merged into that repo's model-info JSON (``gguf``, ``tags``...).
+* ``extra_info``: ``{repo_id: {...}}`` merged into that repo's model-info JSON (``gguf``, ``tags``...);
+* ``listing_without_sizes``: a set of repo ids whose model info lists files without ``size``/``lfs``/``blobId``
+  even with ``?blobs=true`` (as some mirrors do); the files themselves still carry ``Content-Length``.
+
+Faults, one rule at a time (``fault()`` adds one, ``clear_faults()`` removes them all): the next ``times``
+file GETs whose repo path ends with ``path_suffix`` (HEADs pass, so a client's metadata call
+succeeds and its download meets the fault):
+
+* ``fault(suffix, "status", status=503)``: answered with that status and a JSON error, no body;
+* ``fault(suffix, "stall", after_bytes=K, stall_s=S)``: the body stops after K bytes for S seconds
+  (a client with a shorter read timeout gives up and resumes with ``Range``), then goes on;
+* ``fault(suffix, "reset", after_bytes=K)``: the connection is reset (RST) after K bytes of the body.
+
+``faults_hit`` lists ``(kind, path, offset)`` for every fault served (``offset``: where the body began).
 
 Request log: ``requests`` is a list of ``RequestRecord(method, path, range, bytes_sent)`` appended when
 each request finishes (``path`` is the unquoted URL path without the query string; ``bytes_sent`` counts
@@ -44,6 +57,7 @@ import json
 import os
 import re
 import socket
+import struct
 import sys
 import threading
 import time
@@ -175,6 +189,16 @@ class RequestLogEntry(NamedTuple):
     bytes_sent: int
     started: float  # time.monotonic()
     finished: float
+
+
+@dataclass
+class _Fault:
+    path_suffix: str
+    kind: str            # "status" | "stall" | "reset"
+    times: int
+    after_bytes: int = 0
+    status: int = 503
+    stall_s: float = 0.0
 
 
 class _HTTPError(Exception):
@@ -351,7 +375,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_model_info(self, method: str, repo: _Repo, revision: str, query) -> None:
         ep = self.server.endpoint
         ep._check_revision(repo, revision)
-        blobs = _truthy(query.get("blobs"))
+        blobs = _truthy(query.get("blobs")) and repo.repo_id not in ep.listing_without_sizes
         siblings = []
         for f in repo.files.values():
             sibling: dict = {"rfilename": f.path}
@@ -414,6 +438,10 @@ class _Handler(BaseHTTPRequestHandler):
         f = repo.files.get(path)
         if f is None:
             raise _HTTPError(404, "EntryNotFound", f"{path} does not exist on revision {revision}", repo.sha)
+        fault = ep._take_fault(path) if method == "GET" else None
+        if fault is not None and fault.kind == "status":
+            ep._fault_hit(fault.kind, path, 0)
+            raise _HTTPError(fault.status, None, f"the test hub was told to answer {fault.status}")
         size = os.stat(f.abspath).st_size
         lfs = ep._is_lfs(f)
         etag = file_sha256(f.abspath) if lfs else git_blob_sha1(f.abspath)
@@ -458,12 +486,17 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "HEAD" or length == 0:
             return
         self.wfile.flush()
-        self._stream(f.abspath, start, length)
+        if fault is not None:
+            ep._fault_hit(fault.kind, path, start)
+        self._stream(f.abspath, start, length, fault)
 
-    def _stream(self, abspath: Path, start: int, length: int) -> None:
+    def _stream(self, abspath: Path, start: int, length: int, fault: _Fault | None = None) -> None:
         ep = self.server.endpoint
         sock = self.connection
         fail_after = ep.fail_after_bytes
+        if fault is not None and fault.kind == "reset":
+            fail_after = fault.after_bytes if fail_after is None else min(fail_after, fault.after_bytes)
+        stall_at = fault.after_bytes if fault is not None and fault.kind == "stall" else None
         remaining = length
         offset = start
         with open(abspath, "rb") as fh:
@@ -474,6 +507,12 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     chunk = _UNTHROTTLED_CHUNK
                 chunk = min(chunk, remaining)
+                if stall_at is not None and self._sent + chunk >= stall_at:
+                    chunk = max(0, stall_at - self._sent)
+                    if not chunk:
+                        stall_at = None
+                        time.sleep(fault.stall_s)
+                        continue
                 cut = fail_after is not None and self._sent + chunk >= fail_after
                 if cut:
                     chunk = max(0, fail_after - self._sent)
@@ -488,8 +527,21 @@ class _Handler(BaseHTTPRequestHandler):
                     self._sent += sent
                     ep._add_live(sent)
                 if cut:
-                    self._abort_connection()
+                    if fault is not None and fault.kind == "reset":
+                        self._reset_connection()
+                    else:
+                        self._abort_connection()
                     return
+
+    def _reset_connection(self) -> None:
+        """Reset the connection mid-body (RST): the client reads ECONNRESET (httpx: ReadError)."""
+        self.close_connection = True
+        try:
+            # Linger on with a zero timeout: close() discards the unsent data and sends a RST.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+        except OSError:
+            pass
 
     def _abort_connection(self) -> None:
         """Drop the connection mid-body, as a flaky network would."""
@@ -545,6 +597,9 @@ class HFEndpoint:
         self.throttle_bytes_per_s: float | None = None
         self.fail_after_bytes: int | None = None
         self.extra_info: dict[str, dict] = {}
+        self.listing_without_sizes: set[str] = set()
+        self.faults: list[_Fault] = []
+        self.faults_hit: list[tuple[str, str, int]] = []
         self.requests: list[RequestRecord] = []
         self.log: list[RequestLogEntry] = []
         self.live_bytes = 0
@@ -666,6 +721,33 @@ class HFEndpoint:
                 "lfs": {"oid": sha256, "size": f.size, "pointerSize": len(pointer)},
             }
         return {"type": "file", "oid": git_blob_sha1(f.abspath), "size": f.size, "path": f.path}
+
+    # --- faults -------------------------------------------------------------------------------
+
+    def fault(self, path_suffix: str, kind: str, *, times: int = 1, after_bytes: int = 0, status: int = 503,
+              stall_s: float = 0.0) -> None:
+        """Make the next `times` file GETs whose path ends with `path_suffix` meet a fault (see the module doc)."""
+        if kind not in ("status", "stall", "reset"):
+            raise ValueError(f"unknown fault kind {kind!r}")
+        with self._lock:
+            self.faults.append(_Fault(path_suffix, kind, times, after_bytes, status, stall_s))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+            self.faults_hit.clear()
+
+    def _take_fault(self, path: str) -> _Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.times > 0 and path.endswith(fault.path_suffix):
+                    fault.times -= 1
+                    return fault
+        return None
+
+    def _fault_hit(self, kind: str, path: str, offset: int) -> None:
+        with self._lock:
+            self.faults_hit.append((kind, path, offset))
 
     # --- throttling ----------------------------------------------------------------------------
 

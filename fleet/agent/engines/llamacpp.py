@@ -76,6 +76,9 @@ class LlamaServerEngine(LlamaCppEngine):
         if launch.chat_format:
             # A named built-in template only applies with Jinja off.
             argv += ["--no-jinja", "--chat-template", launch.chat_format]
+        else:
+            # The model's own template, through Jinja: what tool calls and JSON need.
+            argv += ["--jinja"]
         if launch.embeddings:
             argv += ["--embeddings"]
         return argv + self.memory_arguments(launch) + list(launch.extra_args)
