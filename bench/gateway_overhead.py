@@ -72,6 +72,7 @@ def start_litellm(stack: Stack, binary: Path, upstream: str, model: str) -> tupl
 # Against the stub engine: added p50 at most 2 ms at one client, a ratio of at most 1.10 at 32 and
 # more clients, and at least 5x less added latency than LiteLLM's proxy in every row.
 TARGET_ADDED_MS, TARGET_RATIO, TARGET_VS_PEER = 2.0, 1.10, 5.0
+TARGET_LIMITS_MS = 0.3  # what rate limits and usage accounting may add to the added p50
 
 
 ROUNDS = 2  # each target's requests come in this many turns (see measure_row)
@@ -121,11 +122,11 @@ def run_table(title: str, targets: dict[str, tuple[str, str | None]], model: str
     the target: Porten's added p50 under TARGET_ADDED_MS, its ratio at most TARGET_RATIO, and ahead
     of LiteLLM when it ran."""
     print(f"\n== {title} ==")
-    header = f"{'mode':<10}{'clients':>8} {'target':<12}{'p50 ms':>9}{'p99 ms':>9}{'TTFT p50':>10}{'errors':>7}" \
+    header = f"{'mode':<10}{'clients':>8} {'target':<14}{'p50 ms':>9}{'p99 ms':>9}{'TTFT p50':>10}{'errors':>7}" \
              f"{'added p50':>11}{'ratio':>7}{'cpu/req':>9}"
     print(header)
     print("-" * len(header))
-    missed = []
+    missed, limit_costs = [], []
     for stream, clients, requests in plan:
         results = asyncio.run(measure_row(targets, model=model, stream=stream, clients=clients, requests=requests,
                                           max_tokens=max_tokens, pids=pids, rounds=rounds))
@@ -135,13 +136,18 @@ def run_table(title: str, targets: dict[str, tuple[str, str | None]], model: str
             ratio = r["p50_ms"] / base["p50_ms"]
             ttft = f"{r['ttft_p50_ms']:.2f}" if r["ttft_p50_ms"] is not None else "-"
             cpu = f"{r['cpu_ms']:.2f}" if "cpu_ms" in r else "-"
-            print(f"{'stream' if stream else 'plain':<10}{clients:>8} {name:<12}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            print(f"{'stream' if stream else 'plain':<10}{clients:>8} {name:<14}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
                   f"{ttft:>10}{r['errors']:>7}{added if name != 'direct' else 0:>+11.2f}{ratio:>7.3f}{cpu:>9}")
         for name, r in results.items():
             if r["failures"]:
                 print(f"  ({name}'s errors: {', '.join(f'{why} x{n}' for why, n in r['failures'].items())})")
         judged = next(name for name in results if name.startswith("porten"))
         porten, peer = results[judged], results.get("litellm")
+        if "porten+limits" in results:
+            extra = results["porten+limits"]["p50_ms"] - porten["p50_ms"]
+            limit_costs.append(extra)
+            print(f"  limits and usage on: {extra:+.2f} ms added p50 over {judged} (target at most "
+                  f"+{TARGET_LIMITS_MS:g} ms): {'met' if extra <= TARGET_LIMITS_MS else 'missed'}")
         added = porten["p50_ms"] - base["p50_ms"]
         ratio = porten["p50_ms"] / base["p50_ms"]
         peer_added = peer["p50_ms"] - base["p50_ms"] if peer is not None else None
@@ -165,6 +171,8 @@ def main() -> None:
                              "(uvicorn, granian, daphne); the first is judged")
     parser.add_argument("--many", type=int, default=0,
                         help="also a row at this many clients (256, say), to see what extra processes bring")
+    parser.add_argument("--limits", action="store_true",
+                        help="add a row target with rate limits and usage accounting on (porten+limits)")
     parser.add_argument("--rounds", type=int, default=ROUNDS,
                         help="turns the targets take in each row (1: each measured once, one after the other)")
     args = parser.parse_args()
@@ -185,8 +193,16 @@ def main() -> None:
         for spec in args.servers.split(","):
             server, _, processes = spec.partition(":")
             name = f"porten-{server}*{processes or 1}"
-            targets[name] = (stack.start_hub(server, int(processes or 1)), key)
+            # Judged on the gateway alone: usage accounting off here, measured in the --limits row.
+            targets[name] = (stack.start_hub(server, int(processes or 1), PORTEN_USAGE_ENABLED="0"), key)
             pids[name] = stack.hub.pid
+        if args.limits:
+            # The same hub with usage accounting on, called with a key under limits it never reaches:
+            # each request takes from its Redis buckets and settles on the engine's usage.
+            server, _, processes = args.servers.split(",")[0].partition(":")
+            limited_key = stack.api_key(rpm_limit=10**9, tpm_limit=10**9, max_concurrent=10**6)
+            targets["porten+limits"] = (stack.start_hub(server, int(processes or 1)), limited_key)
+            pids["porten+limits"] = stack.hub.pid
         hub, hub_pid = next((url, pids[name]) for name, (url, _) in targets.items() if name.startswith("porten"))
         litellm = start_litellm(stack, args.litellm, direct, "stub-model")
         if litellm:

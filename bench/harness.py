@@ -137,14 +137,15 @@ class Stack:
 
         call_command("migrate", verbosity=0)
 
-    def start_hub(self, server: str = "uvicorn", processes: int = 1, command: list[str] | None = None) -> str:
+    def start_hub(self, server: str = "uvicorn", processes: int = 1, command: list[str] | None = None,
+                  **env: str) -> str:
         """A hub under `server` (a key of SERVERS) with `processes` processes, or started as `command`
-        (which gets --host and --port appended)."""
+        (which gets --host and --port appended); `env` is added to its environment."""
         port = free_port()
         log = open(self.workdir / "hub.log", "ab")
         argv = [*command, "--host", "127.0.0.1", "--port", str(port)] if command else \
             SERVERS[server]("127.0.0.1", port, processes)
-        self.hub = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=log)
+        self.hub = subprocess.Popen(argv, cwd=REPO, env={**self.env, **env}, stdout=log, stderr=log)
         self.procs.append(self.hub)
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/healthz")
@@ -195,10 +196,10 @@ class Stack:
         self._heartbeat = threading.Thread(target=beat, daemon=True)
         self._heartbeat.start()
 
-    def api_key(self) -> str:
+    def api_key(self, **scope) -> str:
         from porten.keys import api_key_create
 
-        return api_key_create(name="bench")[1]
+        return api_key_create(name="bench", **scope)[1]
 
     def close(self) -> None:
         for proc in reversed(self.procs):

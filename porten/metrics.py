@@ -45,6 +45,12 @@ FIRST_TOKEN_SECONDS = Histogram(
 QUEUE_SECONDS = Histogram(
     "porten_engine_queue_seconds", "Time a request waited for one of its engine's slots at this hub process's "
     "gate (X-Porten-Queue-Seconds; 0 when one was free).", ("model",), buckets=QUEUE_BUCKETS, registry=HUB)
+TOKENS = Counter(
+    "porten_tokens", "Tokens used, from the engines' usage (the usage records' figures), by model and kind "
+    "(prompt or completion).", ("model", "kind"), registry=HUB)
+RATE_LIMITED = Counter(
+    "porten_rate_limited", "Requests refused with 429 by a key's limit, by what ran out (requests, tokens, "
+    "concurrent).", ("limit",), registry=HUB)
 WAITING_FOR_LOAD = Gauge(
     "porten_requests_waiting_for_load", "Requests waiting now for their model to load.", ("model",),
     multiprocess_mode="livesum", registry=HUB)
@@ -66,6 +72,17 @@ def request_observe(model: str, status: int, cold: bool, seconds: float, first_t
     _child(REQUEST_SECONDS, model, cold_label).observe(seconds)
     if first_token_s is not None:
         _child(FIRST_TOKEN_SECONDS, model, cold_label).observe(first_token_s)
+
+
+def tokens_count(model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    if prompt_tokens:
+        _child(TOKENS, model, "prompt").inc(prompt_tokens)
+    if completion_tokens:
+        _child(TOKENS, model, "completion").inc(completion_tokens)
+
+
+def rate_limited_count(limit: str) -> None:
+    _child(RATE_LIMITED, limit).inc()
 
 
 def queue_observe(model: str, seconds: float) -> None:

@@ -272,6 +272,8 @@ PORTEN_FLOWER_HOST = env_str("PORTEN_FLOWER_HOST", "127.0.0.1")
 PORTEN_FLOWER_PORT = env_int("PORTEN_FLOWER_PORT", 5555)
 PORTEN_FLOWER_USER = env_str("PORTEN_FLOWER_USER", "admin")
 
+# Tokens used per key, model and hour, from the engines' usage (off: nothing recorded; limits still apply).
+PORTEN_USAGE_ENABLED = env_bool("PORTEN_USAGE_ENABLED", True)
 # Usage tallied by the hub processes moves from Redis into the database this often.
 PORTEN_USAGE_PERSIST_S = env_float("PORTEN_USAGE_PERSIST_S", 10.0)
 

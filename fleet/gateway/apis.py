@@ -13,6 +13,7 @@ from catalog.selectors import offered_model_aget
 from fleet.selectors import model_replicas, model_warming_state
 from porten.auth import authenticate_async, bad_key_retry_after, caller_scope, csrf_failure, too_many_bad_keys
 from porten.errors import error_response, invalid_request, model_not_found, unauthorized
+from porten.metrics import rate_limited_count
 
 from .asgi import EventStream, too_large
 from .limits import RateLimited, estimated_prompt_tokens, limits_take
@@ -95,7 +96,7 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
     stream = bool(body.get("stream")) and not embedding
     options = body.get("stream_options")
     client_wants_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
-    if stream and not client_wants_usage:
+    if stream and not client_wants_usage and settings.PORTEN_USAGE_ENABLED:
         # Asked of the engine for usage records; MeteredStream keeps it from the client.
         body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         raw = json.dumps(body).encode()
@@ -103,6 +104,7 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
     try:
         taken = await limits_take(scope, estimated_tokens=estimate)
     except RateLimited as limited:
+        rate_limited_count(limited.what)
         return rate_limited(limited)
     meter = Meter(scope, model.model_id, taken, estimated_prompt_tokens=estimate, client_wants_usage=client_wants_usage)
     try:
@@ -118,7 +120,9 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
     except BaseException:
         await meter.finish(prompt_tokens=0, completion_tokens=0)  # cancelled: nothing used, slot back
         raise
-    if isinstance(response, EventStream):
+    if not (settings.PORTEN_USAGE_ENABLED or taken.counted):
+        pass  # nothing to record or settle
+    elif isinstance(response, EventStream):
         response = metered_stream(response, meter)
     else:
         await meter.finish_answer(response.status_code, response.content)

@@ -8,6 +8,7 @@ import logging
 import re
 from typing import AsyncIterator
 
+from porten.metrics import tokens_count
 from porten.scopes import Scope
 
 from .limits import Taken, limits_settle
@@ -35,6 +36,7 @@ class Meter:
         prompt = self.estimated_prompt_tokens if prompt_tokens is None else prompt_tokens
         try:
             usage_tally().add(self.scope, self.model_id, prompt_tokens=prompt, completion_tokens=completion_tokens)
+            tokens_count(self.model_id, prompt, completion_tokens)
         except Exception:
             logger.warning("could not tally usage for %s", self.model_id, exc_info=True)
         if self.taken is not None:
