@@ -200,7 +200,7 @@ def main() -> None:
             # The same hub with usage accounting on, called with a key under limits it never reaches:
             # each request takes from its Redis buckets and settles on the engine's usage.
             server, _, processes = args.servers.split(",")[0].partition(":")
-            limited_key = stack.api_key(rpm_limit=10**9, tpm_limit=10**9, max_concurrent=10**6)
+            limited_key = stack.api_key(rpm_limit=10**9, tpm_limit=10**9)
             targets["porten+limits"] = (stack.start_hub(server, int(processes or 1)), limited_key)
             pids["porten+limits"] = stack.hub.pid
         hub, hub_pid = next((url, pids[name]) for name, (url, _) in targets.items() if name.startswith("porten"))

@@ -98,8 +98,11 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
     client_wants_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
     if stream and not client_wants_usage and settings.PORTEN_USAGE_ENABLED:
         # Asked of the engine for usage records; MeteredStream keeps it from the client.
-        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        raw = json.dumps(body).encode()
+        if options is None and (trimmed := raw.rstrip()).endswith(b"}"):
+            raw = trimmed[:-1] + b', "stream_options": {"include_usage": true}}'  # no second encoding
+        else:
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            raw = json.dumps(body).encode()
     estimate = estimated_prompt_tokens(raw)
     try:
         taken = await limits_take(scope, estimated_tokens=estimate)
@@ -118,14 +121,14 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
         else:
             response = await _answer(model, path, raw, stream=stream, budget_s=budget_s)
     except BaseException:
-        await meter.finish(prompt_tokens=0, completion_tokens=0)  # cancelled: nothing used, slot back
+        meter.finish(prompt_tokens=0, completion_tokens=0)  # cancelled: nothing used, slot back
         raise
     if not (settings.PORTEN_USAGE_ENABLED or taken.counted):
         pass  # nothing to record or settle
     elif isinstance(response, EventStream):
         response = metered_stream(response, meter)
     else:
-        await meter.finish_answer(response.status_code, response.content)
+        meter.finish_answer(response.status_code, response.content)
     for name, value in taken.headers.items():
         response[name] = value
     return response

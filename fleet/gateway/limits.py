@@ -1,41 +1,52 @@
 """Rate, token and concurrency limits per key (or per signed-in person), counted in Redis so that
-every hub process shares them: one script call per request, answered with OpenAI's headers.
+every hub process shares them, answered with OpenAI's headers.
 
 Requests and tokens are token buckets that fill at their per-minute rate up to one minute's worth:
 a request takes one request and its estimated prompt tokens when it arrives, and the engine's usage
-settles the tokens when it answers. Redis unavailable: limits fail open (logged), the request goes on.
+settles the tokens when it answers. A hub process that asks Redis for a request also takes a lease
+of what the bucket refills in LEASE_S (when that is 2 or more) and spends it locally until it runs
+out or LEASE_S passes: a busy key costs a Redis round trip a second per process, not one per
+request, and the processes together never take more than the bucket holds. Concurrency is counted
+in Redis on every request (a slot must be given back exactly). Redis unavailable: limits fail open
+(logged), the request goes on.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
+from porten.loops import per_loop
 from porten.redis import aredis_client
 from porten.scopes import Scope
 
 logger = logging.getLogger(__name__)
 
 TTL_MS = 120_000  # a bucket untouched for two minutes is full again: it can go
+LEASE_S = 1.0  # a process's lease is what the bucket refills in this long, spent within it
 
 # KEYS: requests bucket, tokens bucket, concurrency counter.
-# ARGV: now (ms), rpm (0: none), tpm (0: none), estimated tokens, concurrent (0: none), TTL (ms).
+# ARGV: now (ms), rpm (0: none), tpm (0: none), estimated tokens, concurrent (0: none), TTL (ms),
+#       requests and tokens wanted as a lease, requests and tokens of a lapsed lease given back.
 # Returns {allowed (1/0), what ran out ("requests"/"tokens"/"concurrent"/""), wait (ms),
-#          requests left, tokens left}.
+#          requests left, tokens left, requests leased, tokens leased}.
 TAKE = """
 local now = tonumber(ARGV[1])
 local rpm, tpm, est, conc = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local function level(key, cap)
+local want_r, want_t, back_r, back_t = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local function level(key, cap, back)
   local v = redis.call('HMGET', key, 'l', 't')
   local l, t = tonumber(v[1]), tonumber(v[2])
   if not l then return cap end
   if not t then t = now end
-  return math.min(cap, l + math.max(0, now - t) * cap / 60000)
+  return math.min(cap, l + back + math.max(0, now - t) * cap / 60000)
 end
 local rl, tl = -1, -1
-if rpm > 0 then rl = level(KEYS[1], rpm) end
-if tpm > 0 then tl = level(KEYS[2], tpm) end
+if rpm > 0 then rl = level(KEYS[1], rpm, back_r) end
+if tpm > 0 then tl = level(KEYS[2], tpm, back_t) end
 local wait, out = 0, ''
 if rpm > 0 and rl < 1 then wait = math.ceil((1 - rl) * 60000 / rpm); out = 'requests' end
 local need = math.min(est, tpm)
@@ -46,21 +57,48 @@ end
 if conc > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= conc then
   out = 'concurrent'; if wait < 1000 then wait = 1000 end
 end
-if out ~= '' then return {0, out, wait, math.floor(math.max(rl, 0)), math.floor(math.max(tl, 0))} end
-if rpm > 0 then rl = rl - 1; redis.call('HSET', KEYS[1], 'l', rl, 't', now); redis.call('PEXPIRE', KEYS[1], ARGV[6]) end
-if tpm > 0 then tl = tl - est; redis.call('HSET', KEYS[2], 'l', tl, 't', now); redis.call('PEXPIRE', KEYS[2], ARGV[6]) end
+if out ~= '' then
+  -- a lapsed lease given back still goes back
+  if rpm > 0 and back_r > 0 then redis.call('HSET', KEYS[1], 'l', rl, 't', now) end
+  if tpm > 0 and back_t > 0 then redis.call('HSET', KEYS[2], 'l', tl, 't', now) end
+  return {0, out, wait, math.floor(math.max(rl, 0)), math.floor(math.max(tl, 0)), 0, 0}
+end
+local got_r, got_t = 0, 0
+if rpm > 0 then
+  rl = rl - 1
+  got_r = math.max(0, math.min(want_r, math.floor(rl)))
+  rl = rl - got_r
+  redis.call('HSET', KEYS[1], 'l', rl, 't', now); redis.call('PEXPIRE', KEYS[1], ARGV[6])
+end
+if tpm > 0 then
+  tl = tl - est
+  got_t = math.max(0, math.min(want_t, math.floor(tl)))
+  tl = tl - got_t
+  redis.call('HSET', KEYS[2], 'l', tl, 't', now); redis.call('PEXPIRE', KEYS[2], ARGV[6])
+end
 if conc > 0 then redis.call('INCR', KEYS[3]); redis.call('PEXPIRE', KEYS[3], 3600000) end
-return {1, '', 0, math.floor(math.max(rl, 0)), math.floor(math.max(tl, 0))}
+return {1, '', 0, math.floor(math.max(rl, 0)), math.floor(math.max(tl, 0)), got_r, got_t}
 """
 
-# KEYS: tokens bucket, concurrency counter. ARGV: tokens to give back (negative: to charge), release (1/0).
+# KEYS: tokens bucket, concurrency counter. ARGV: tokens to give back (negative: to charge), slots to release.
 SETTLE = """
 if tonumber(ARGV[1]) ~= 0 and redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HINCRBYFLOAT', KEYS[1], 'l', ARGV[1])
 end
-if ARGV[2] == '1' and tonumber(redis.call('GET', KEYS[2]) or '0') > 0 then redis.call('DECR', KEYS[2]) end
+local release = tonumber(ARGV[2])
+if release > 0 then
+  local held = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if held > 0 then redis.call('DECRBY', KEYS[2], math.min(release, held)) end
+end
 return 1
 """
+SETTLE_EVERY_S = 0.01  # settlements gathered this long go out together, off every answer's path
+
+
+def _scripts():
+    """This loop's two scripts, sent by their SHA after the first call."""
+    client = aredis_client()
+    return client.register_script(TAKE), client.register_script(SETTLE)
 
 
 def _keys(bucket: str) -> list[str]:
@@ -115,42 +153,107 @@ def _headers(scope: Scope, requests_left: int, tokens_left: int) -> dict[str, st
     return headers
 
 
+@dataclass
+class Lease:
+    """Requests and tokens this process took from a bucket ahead of use, until `until` (monotonic)."""
+
+    requests: int
+    tokens: int
+    until: float
+    requests_left: int  # the bucket's levels when it was granted, for the headers
+    tokens_left: int
+
+
+def _leases() -> dict[str, Lease]:
+    return {}
+
+
+def _from_lease(scope: Scope, estimated_tokens: int) -> Lease | None:
+    if scope.concurrent:
+        return None
+    lease = per_loop(_leases).get(scope.bucket)
+    if lease is None or lease.until < time.monotonic():
+        return None
+    if (scope.rpm and lease.requests < 1) or (scope.tpm and lease.tokens < estimated_tokens):
+        return None
+    lease.requests -= 1 if scope.rpm else 0
+    lease.tokens -= estimated_tokens if scope.tpm else 0
+    return lease
+
+
 async def limits_take(scope: Scope, *, estimated_tokens: int) -> Taken:
     """Take one request and its estimated tokens (and a concurrency slot) from the caller's limits;
     raises RateLimited when one has run out."""
     taken = Taken(scope=scope, estimated_tokens=estimated_tokens)
     if not scope.limited:
         return taken
+    if (lease := _from_lease(scope, estimated_tokens)) is not None:
+        taken.headers = _headers(scope, lease.requests_left + lease.requests, lease.tokens_left + max(lease.tokens, 0))
+        taken.counted = True
+        return taken
+    leases = per_loop(_leases)
+    lapsed = leases.pop(scope.bucket, None)
+    want_r = int(scope.rpm * LEASE_S / 60) if scope.rpm and not scope.concurrent else 0
+    want_t = int(scope.tpm * LEASE_S / 60) if scope.tpm and not scope.concurrent else 0
+    want_r, want_t = (want_r, want_t) if want_r >= 2 or (not scope.rpm and want_t >= 2) else (0, 0)
     try:
-        allowed, what, wait_ms, requests_left, tokens_left = await aredis_client().eval(
-            TAKE, 3, *_keys(scope.bucket), int(time.time() * 1000), scope.rpm or 0, scope.tpm or 0,
-            estimated_tokens, scope.concurrent or 0, TTL_MS)
+        take, _ = per_loop(_scripts)
+        allowed, what, wait_ms, requests_left, tokens_left, got_r, got_t = await take(
+            keys=_keys(scope.bucket), args=[
+                int(time.time() * 1000), scope.rpm or 0, scope.tpm or 0, estimated_tokens, scope.concurrent or 0,
+                TTL_MS, want_r, want_t, lapsed.requests if lapsed else 0, max(lapsed.tokens, 0) if lapsed else 0])
     except Exception as exc:
         _warn_open(exc)
         return taken
     what = what.decode() if isinstance(what, bytes) else what
-    taken.headers = _headers(scope, int(requests_left), int(tokens_left))
+    taken.headers = _headers(scope, int(requests_left) + int(got_r), int(tokens_left) + int(got_t))
     if not allowed:
         raise RateLimited(what, max(1, math.ceil(int(wait_ms) / 1000)), taken.headers)
+    if int(got_r) or int(got_t):
+        leases[scope.bucket] = Lease(requests=int(got_r), tokens=int(got_t), until=time.monotonic() + LEASE_S,
+                                     requests_left=int(requests_left), tokens_left=int(tokens_left))
     taken.counted = True
     return taken
 
 
-async def limits_settle(taken: Taken, *, used_tokens: int | None) -> None:
+def limits_settle(taken: Taken, *, used_tokens: int | None) -> None:
     """The request is over: give back its concurrency slot, and settle its tokens on what the engine
-    used (None: the estimate stands)."""
+    used (None: the estimate stands). Gathered per bucket and sent within SETTLE_EVERY_S."""
     if not taken.counted or taken.settled:
         return
     taken.settled = True
     scope = taken.scope
     refund = 0 if (used_tokens is None or not scope.tpm) else taken.estimated_tokens - used_tokens
-    if refund == 0 and not scope.concurrent:
-        return
-    keys = _keys(scope.bucket)
-    try:
-        await aredis_client().eval(SETTLE, 2, keys[1], keys[2], refund, 1 if scope.concurrent else 0)
-    except Exception as exc:
-        _warn_open(exc)
+    if refund or scope.concurrent:
+        per_loop(Settlements).add(scope.bucket, refund, 1 if scope.concurrent else 0)
+
+
+class Settlements:
+    """Token refunds and concurrency releases owed to Redis, summed per bucket."""
+
+    def __init__(self) -> None:
+        self.owed: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        self.task: asyncio.Task | None = None
+
+    def add(self, bucket: str, refund: int, release: int) -> None:
+        owed = self.owed[bucket]
+        owed[0] += refund
+        owed[1] += release
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._send_soon(), name="porten-settle")
+
+    async def _send_soon(self) -> None:
+        await asyncio.sleep(SETTLE_EVERY_S)
+        owed, self.owed = self.owed, defaultdict(lambda: [0, 0])
+        try:
+            _, settle = per_loop(_scripts)
+            pipe = aredis_client().pipeline(transaction=False)
+            for bucket, (refund, release) in owed.items():
+                keys = _keys(bucket)
+                await settle(keys=[keys[1], keys[2]], args=[refund, release], client=pipe)
+            await pipe.execute()
+        except Exception as exc:
+            _warn_open(exc)
 
 
 def estimated_prompt_tokens(raw_body: bytes) -> int:

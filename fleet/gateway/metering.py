@@ -28,7 +28,7 @@ class Meter:
         self.estimated_prompt_tokens, self.client_wants_usage = estimated_prompt_tokens, client_wants_usage
         self.done = False
 
-    async def finish(self, *, prompt_tokens: int | None, completion_tokens: int) -> None:
+    def finish(self, *, prompt_tokens: int | None, completion_tokens: int) -> None:
         """Record once: tokens per key and model, and the caller's token limit settled on them."""
         if self.done:
             return
@@ -40,9 +40,9 @@ class Meter:
         except Exception:
             logger.warning("could not tally usage for %s", self.model_id, exc_info=True)
         if self.taken is not None:
-            await limits_settle(self.taken, used_tokens=prompt + completion_tokens)
+            limits_settle(self.taken, used_tokens=prompt + completion_tokens)
 
-    async def finish_answer(self, status: int, content: bytes) -> None:
+    def finish_answer(self, status: int, content: bytes) -> None:
         """A whole answer: its `usage`, or nothing used when it failed."""
         usage = None
         if status == 200:
@@ -51,10 +51,10 @@ class Meter:
             except (ValueError, AttributeError):
                 usage = None
         if isinstance(usage, dict):
-            await self.finish(prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                              completion_tokens=int(usage.get("completion_tokens") or 0))
+            self.finish(prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                        completion_tokens=int(usage.get("completion_tokens") or 0))
         else:
-            await self.finish(prompt_tokens=None if status == 200 else 0, completion_tokens=0)
+            self.finish(prompt_tokens=None if status == 200 else 0, completion_tokens=0)
 
 
 class MeteredStream:
@@ -69,17 +69,20 @@ class MeteredStream:
     async def __aiter__(self) -> AsyncIterator[bytes]:
         pending = b""
         async for part in self.source:
-            pending += part
-            end = pending.rfind(b"\n\n")
-            if end < 0:
-                continue
-            ready, pending = pending[:end + 2], pending[end + 2:]
+            if not pending and part.endswith(b"\n\n"):
+                ready = part  # whole events, as engines write them: no copy
+            else:
+                pending += part
+                end = pending.rfind(b"\n\n")
+                if end < 0:
+                    continue
+                ready, pending = pending[:end + 2], pending[end + 2:]
             out = self._watch(ready)
             if out:
                 yield out
         if pending:
             yield pending
-        await self._finish()
+        self._finish()
 
     def _watch(self, events: bytes) -> bytes:
         if b'"usage"' not in events and b"[DONE]" not in events:
@@ -118,15 +121,15 @@ class MeteredStream:
         chunk.update({"choices": [], "usage": self.usage})
         return b"data: " + json.dumps(chunk).encode()
 
-    async def _finish(self) -> None:
+    def _finish(self) -> None:
         if self.usage is not None:
-            await self.meter.finish(prompt_tokens=int(self.usage.get("prompt_tokens") or 0),
+            self.meter.finish(prompt_tokens=int(self.usage.get("prompt_tokens") or 0),
                                     completion_tokens=int(self.usage.get("completion_tokens") or 0))
         else:
-            await self.meter.finish(prompt_tokens=None, completion_tokens=self.tokens)
+            self.meter.finish(prompt_tokens=None, completion_tokens=self.tokens)
 
     async def aclose(self) -> None:
         try:
             await self.source.aclose()
         finally:
-            await self._finish()  # cut off by the client: what the engine produced until then
+            self._finish()  # cut off by the client: what the engine produced until then

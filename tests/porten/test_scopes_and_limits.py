@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 
 import pytest
@@ -9,10 +10,10 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.utils import timezone
 
-from fleet.gateway.limits import RateLimited, limits_settle, limits_take
+from fleet.gateway.limits import SETTLE_EVERY_S, RateLimited, limits_settle, limits_take
 from porten.keys import OutsidePolicy, api_key_create, api_key_create_own
 from porten.models import AccessPolicy
-from porten.redis import aredis_client, reset_clients
+from porten.redis import aredis_client, redis_client, reset_clients
 from porten.scopes import Scope, key_scope, policy_for, user_scope
 
 
@@ -71,6 +72,10 @@ async def bucket():
     await aredis_client().delete(*[f"porten:rl:{name}:{k}" for k in ("req", "tok", "conc")])
 
 
+async def _settled() -> None:
+    await asyncio.sleep(SETTLE_EVERY_S * 5)  # settlements go out in batches, off the request's path
+
+
 async def test_requests_per_minute_run_out_with_openai_headers_and_a_retry_after(bucket):
     scope = Scope(bucket=bucket, rpm=3)
     remaining = []
@@ -92,11 +97,13 @@ async def test_tokens_are_taken_at_arrival_and_settled_on_usage(bucket):
     with pytest.raises(RateLimited) as limited:
         await limits_take(scope, estimated_tokens=600)
     assert limited.value.what == "tokens"
-    await limits_settle(first, used_tokens=100)  # the engine used less than estimated: 500 back
+    limits_settle(first, used_tokens=100)  # the engine used less than estimated: 500 back
+    await _settled()
     second = await limits_take(scope, estimated_tokens=600)
     assert 290 <= int(second.headers["x-ratelimit-remaining-tokens"]) <= 310
-    await limits_settle(second, used_tokens=600)
-    await limits_settle(second, used_tokens=0)  # settling twice changes nothing
+    limits_settle(second, used_tokens=600)
+    limits_settle(second, used_tokens=0)  # settling twice changes nothing
+    await _settled()
     third = await limits_take(scope, estimated_tokens=10)
     assert 280 <= int(third.headers["x-ratelimit-remaining-tokens"]) <= 310
 
@@ -107,9 +114,12 @@ async def test_concurrency_is_held_until_settled(bucket):
     with pytest.raises(RateLimited) as limited:
         await limits_take(scope, estimated_tokens=1)
     assert limited.value.what == "concurrent"
-    await limits_settle(one, used_tokens=None)
+    limits_settle(one, used_tokens=None)
+    await _settled()
     three = await limits_take(scope, estimated_tokens=1)
-    await asyncio.gather(limits_settle(two, used_tokens=None), limits_settle(three, used_tokens=None))
+    limits_settle(two, used_tokens=None)
+    limits_settle(three, used_tokens=None)
+    await _settled()
     assert await aredis_client().get(f"porten:rl:{bucket}:conc") in (b"0", "0")
 
 
@@ -126,3 +136,36 @@ async def test_limits_fail_open_when_redis_is_unreachable(bucket, settings, capl
     finally:
         settings.REDIS_URL = working_url
         reset_clients()
+
+
+def test_leases_never_let_two_processes_take_more_than_the_bucket_holds(db):
+    """Two event loops (as two hub processes: each keeps its own leases) share a 600-a-minute key."""
+    import threading
+
+    name = f"test-lease-{id(object())}"
+    scope = Scope(bucket=name, rpm=600)  # a lease is 10 requests
+    allowed = []
+
+    def one_process() -> None:
+        async def spend() -> int:
+            taken = 0
+            try:
+                while True:
+                    await limits_take(scope, estimated_tokens=1)
+                    taken += 1
+            except RateLimited:
+                return taken
+            finally:
+                await aredis_client().aclose()
+        allowed.append(asyncio.run(spend()))
+
+    threads = [threading.Thread(target=one_process) for _ in range(2)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    refilled = (time.monotonic() - started) * 600 / 60
+    assert len(allowed) == 2 and all(n > 0 for n in allowed)
+    assert 600 <= sum(allowed) <= 600 + refilled + 1, (allowed, refilled)
+    redis_client().delete(*[f"porten:rl:{name}:{k}" for k in ("req", "tok", "conc")])
