@@ -4,6 +4,7 @@ actions that call the same services as the operator API."""
 from django.contrib import admin
 from django.utils.html import format_html
 
+from porten.admin import RecordAdmin
 from porten.audit import audit_record
 from porten.units import mb_from_bytes, readable_mb
 
@@ -12,19 +13,8 @@ from .placement import instance_unload
 from .services import node_set_draining
 
 
-class FleetRecordAdmin(admin.ModelAdmin):
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
-
-
 @admin.register(Node)
-class NodeAdmin(FleetRecordAdmin):
+class NodeAdmin(RecordAdmin):
     list_display = ["name", "address", "hostname", "draining", "has_gpu", "devices", "memory", "disk_free", "running",
                     "last_heartbeat_at"]
     readonly_fields = [f.name for f in Node._meta.fields]
@@ -63,7 +53,7 @@ class NodeAdmin(FleetRecordAdmin):
 
 
 @admin.register(Instance)
-class InstanceAdmin(FleetRecordAdmin):
+class InstanceAdmin(RecordAdmin):
     list_display = ["model", "node", "phase", "progress", "port", "pid", "load_seconds", "ready_at", "short_error",
                     "placement_reason"]
     list_filter = ["phase", "node"]

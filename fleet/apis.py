@@ -7,7 +7,7 @@ from rest_framework.response import Response
 
 from catalog.models import CatalogModel
 from porten.audit import audit_record
-from porten.operator import Conflict, OperatorApi
+from porten.operator import Conflict, OperatorApi, query_limit
 
 from .models import Instance, Node, Phase
 from .placement import PlacementError, instance_load_now, instance_unload
@@ -82,12 +82,7 @@ class InstanceListApi(OperatorApi):
             instances = instances.filter(model__model_id=model)
         if node is not None:
             instances = instances.filter(node__name=node)
-        try:
-            limit = int(request.query_params.get("limit", 100))
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= 1000:
-            raise exceptions.ValidationError({"limit": "A whole number from 1 to 1000."})
+        limit = query_limit(request)
         return Response(InstanceSerializer(instances.order_by("-created_at")[:limit], many=True).data)
 
     @extend_schema(summary="Load a model now, where the planner chooses or on a named node",

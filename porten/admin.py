@@ -8,6 +8,20 @@ from .keys import api_key_create
 from .models import AccessPolicy, ApiKey, AuditEntry, UsageRecord
 
 
+class RecordAdmin(admin.ModelAdmin):
+    """Records something else stands behind (an agent, an engine, the request path): shown, never
+    added, changed or deleted by hand; actions change them through services."""
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
 def model_id_list(value) -> list[str]:
     """A JSON list of catalog ids, as the admin's JSON field gives it; else a ValidationError."""
     if value in (None, ""):
@@ -77,20 +91,11 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
 
 @admin.register(AuditEntry)
-class AuditEntryAdmin(admin.ModelAdmin):
+class AuditEntryAdmin(RecordAdmin):
     list_display = ["at", "actor", "action", "target"]
     list_filter = ["action"]
     search_fields = ["actor", "action", "target"]
     readonly_fields = ["at", "actor", "action", "target", "detail"]
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
 
 @admin.register(AccessPolicy)
@@ -107,7 +112,7 @@ class AccessPolicyAdmin(admin.ModelAdmin):
 
 
 @admin.register(UsageRecord)
-class UsageRecordAdmin(admin.ModelAdmin):
+class UsageRecordAdmin(RecordAdmin):
     """Read only: the hub writes these (porten.usage.usage_persist)."""
 
     list_display = ["hour", "api_key", "user", "model_id", "requests", "prompt_tokens", "completion_tokens",
@@ -116,12 +121,3 @@ class UsageRecordAdmin(admin.ModelAdmin):
     list_select_related = ["api_key", "user"]
     search_fields = ["model_id", "user__username", "api_key__name", "api_key__prefix"]
     date_hierarchy = "hour"
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False

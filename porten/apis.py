@@ -6,7 +6,7 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 
 from .audit import audit_record
-from .operator import OperatorApi
+from .operator import OperatorApi, query_limit
 from .keys import api_key_create, api_key_revoke, api_key_update
 from .models import ApiKey, AuditEntry
 from .serializers import (
@@ -80,12 +80,7 @@ class AuditLogApi(OperatorApi):
     @extend_schema(summary="The latest operator writes, newest first", responses=AuditEntrySerializer(many=True),
                    parameters=[OpenApiParameter("limit", int, description="At most this many (1-1000, default 100).")])
     def get(self, request):
-        try:
-            limit = int(request.query_params.get("limit", 100))
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= 1000:
-            raise exceptions.ValidationError({"limit": "A whole number from 1 to 1000."})
+        limit = query_limit(request)
         return Response(AuditEntrySerializer(AuditEntry.objects.all()[:limit], many=True).data)
 
 

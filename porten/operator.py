@@ -46,3 +46,14 @@ class Conflict(exceptions.APIException):
     def __init__(self, detail: str, *, code: str = "conflict") -> None:
         super().__init__(detail)
         self.porten_code = code
+
+
+def query_limit(request, *, default: int = 100, most: int = 1000) -> int:
+    """The `limit` query parameter: a whole number from 1 to `most`, else DRF's 400 naming it."""
+    try:
+        limit = int(request.query_params.get("limit", default))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= most:
+        raise exceptions.ValidationError({"limit": f"A whole number from 1 to {most}."})
+    return limit
