@@ -201,7 +201,7 @@ async def limits_take(scope: Scope, *, estimated_tokens: int) -> Taken:
         allowed, what, wait_ms, requests_left, tokens_left, got_r, got_t = await take(
             keys=_keys(scope.bucket), args=[
                 int(time.time() * 1000), scope.rpm or 0, scope.tpm or 0, estimated_tokens, scope.concurrent or 0,
-                TTL_MS, want_r, want_t, lapsed.requests if lapsed else 0, max(lapsed.tokens, 0) if lapsed else 0])
+                TTL_MS, want_r, want_t, lapsed.requests if lapsed else 0, lapsed.tokens if lapsed else 0])
     except Exception as exc:
         _warn_open(exc)
         return taken
@@ -224,6 +224,9 @@ def limits_settle(taken: Taken, *, used_tokens: int | None) -> None:
     taken.settled = True
     scope = taken.scope
     refund = 0 if (used_tokens is None or not scope.tpm) else taken.estimated_tokens - used_tokens
+    if refund and not scope.concurrent and (lease := per_loop(_leases).get(scope.bucket)) is not None:
+        lease.tokens += refund  # settled into this process's lease: given back with it when it lapses
+        return
     if refund or scope.concurrent:
         per_loop(Settlements).add(scope.bucket, refund, 1 if scope.concurrent else 0)
 

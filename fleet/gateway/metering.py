@@ -87,6 +87,8 @@ class MeteredStream:
     def _watch(self, events: bytes) -> bytes:
         if b'"usage"' not in events and b"[DONE]" not in events:
             self.tokens += len(_TOKEN.findall(events))
+            if self.meter.client_wants_usage and (start := events.rfind(b"data: {")) >= 0:
+                self.last_chunk = events[start:].rstrip()  # whose id and model a made usage chunk takes
             return events
         kept = []
         for event in events.split(b"\n\n"):

@@ -1,0 +1,63 @@
+"""MeteredStream: however an engine's stream is cut into reads, the client gets the events as sent,
+less the usage chunk it did not ask for (or plus one it asked for and the engine did not send), and
+the meter records what the client was told."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fleet.gateway.metering import Meter, MeteredStream
+
+
+def _event(data: dict) -> bytes:
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+ROLE = _event({"id": "a", "object": "chat.completion.chunk", "choices": [{"delta": {"role": "assistant"}}]})
+TOKENS = [_event({"id": "a", "choices": [{"delta": {"content": f"t{i}"}}]}) for i in range(5)]
+END = _event({"id": "a", "choices": [{"delta": {}, "finish_reason": "length"}]})
+USAGE = _event({"id": "a", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}})
+DONE = b"data: [DONE]\n\n"
+WITH_USAGE = ROLE + b"".join(TOKENS) + END + USAGE + DONE
+WITHOUT_USAGE = ROLE + b"".join(TOKENS) + END + DONE
+
+
+class Reads:
+    def __init__(self, blob: bytes, size: int) -> None:
+        self.parts = iter([blob[i:i + size] for i in range(0, len(blob), size)])
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return next(self.parts)
+        except StopIteration:
+            raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def _relay(blob: bytes, size: int, *, wants_usage: bool) -> tuple[bytes, dict]:
+    meter = Meter(None, "m", None, estimated_prompt_tokens=7, client_wants_usage=wants_usage)
+    recorded: dict = {}
+    meter.finish = lambda **kw: recorded.update(kw)  # our own object: what it would record
+    out = b"".join([part async for part in MeteredStream(Reads(blob, size), meter)])
+    return out, recorded
+
+
+@pytest.mark.parametrize("size", [1, 7, 13, 50, 10_000])
+async def test_any_cut_of_the_stream_is_relayed_and_metered_alike(size):
+    out, recorded = await _relay(WITH_USAGE, size, wants_usage=False)
+    assert out == WITHOUT_USAGE and recorded == {"prompt_tokens": 3, "completion_tokens": 5}
+    out, recorded = await _relay(WITH_USAGE, size, wants_usage=True)
+    assert out == WITH_USAGE and recorded == {"prompt_tokens": 3, "completion_tokens": 5}
+    out, recorded = await _relay(WITHOUT_USAGE, size, wants_usage=False)
+    assert out == WITHOUT_USAGE and recorded == {"prompt_tokens": None, "completion_tokens": 5}
+    out, recorded = await _relay(WITHOUT_USAGE, size, wants_usage=True)
+    made = json.loads(out.split(b"\n\n")[-3][len(b"data: "):])
+    assert made["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    assert made["choices"] == [] and made["id"] == "a" and out.endswith(DONE)
+    assert recorded == {"prompt_tokens": 7, "completion_tokens": 5}
