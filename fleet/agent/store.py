@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from porten.units import MB, mb_from_bytes
+
 logger = logging.getLogger(__name__)
 
 _DEVNULL = open(os.devnull, "w")  # where the hidden progress bars draw
@@ -97,7 +99,7 @@ class ModelStore:
 
     def disk_free_mb(self) -> int:
         self.root.mkdir(parents=True, exist_ok=True)
-        return shutil.disk_usage(self.root).free // (1024 * 1024)
+        return mb_from_bytes(shutil.disk_usage(self.root).free)
 
     def _disk_full(self, what: str) -> StoreError:
         free_mb = self.disk_free_mb()
@@ -268,7 +270,7 @@ class ModelStore:
 
 
 def _mb(n: int) -> int:
-    return -(-n // (1024 * 1024))
+    return -(-n // MB)  # rounded up: "needs 1 MB" for a few bytes
 
 
 def _disk_full(exc: BaseException) -> bool:

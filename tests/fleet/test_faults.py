@@ -19,6 +19,7 @@ from fleet.models import Instance, Node, Phase
 from fleet.services import instance_create
 from tests.conftest import REPO_ROOT, hub_command, service_env, wait_for_http
 from tests.factories import CatalogModelFactory
+from tests.support.small_model import gemma_gguf_path
 from tests.fleet.conftest import GEMMA_REPO, GGUF_NAME, MULTI_REPO, wait_for_phase
 from tests.services_plugin import free_port, start_redis
 
@@ -182,10 +183,20 @@ def fill_disk(path: Path, *, leave_bytes: int) -> Path:
     """Take all but `leave_bytes` of the filesystem's free space, as another program would."""
     import shutil
 
+    import errno
+
     filler = path / "filler"
     with open(filler, "wb") as out:
-        os.posix_fallocate(out.fileno(), 0, max(0, shutil.disk_usage(path).free - leave_bytes))
-    return filler
+        for _ in range(20):
+            try:
+                os.posix_fallocate(out.fileno(), 0, out.seek(0, os.SEEK_END) + max(
+                    0, shutil.disk_usage(path).free - leave_bytes))
+                return filler
+            except OSError as exc:  # a download in flight took some of it meanwhile: measure again
+                if exc.errno != errno.ENOSPC:
+                    raise
+                time.sleep(0.01)
+    raise AssertionError("could not fill the disk")
 
 
 def test_disk_filling_up_fails_the_load_with_the_reason_and_spares_other_models(small_disk, node_worker_factory, hf):
@@ -202,8 +213,9 @@ def test_disk_filling_up_fails_the_load_with_the_reason_and_spares_other_models(
     filler = fill_disk(small_disk, leave_bytes=200 * MB)
     refused = wait_for_phase(instance_create(model=multi, node=node).pk, {Phase.READY, Phase.FAILED}, timeout_s=30)
     assert refused.phase == Phase.FAILED
-    assert refused.last_error.startswith(f"not enough disk space on node {worker.name}: gemma-multi-big needs 290 MB "
-                                         f"more in the model store"), refused.last_error
+    needed_mb = -(-(2 * EXTRA_BYTES + gemma_gguf_path().stat().st_size) // 1_000_000)  # MB of 10^6 bytes
+    assert refused.last_error.startswith(f"not enough disk space on node {worker.name}: gemma-multi-big needs "
+                                         f"{needed_mb} MB more in the model store"), refused.last_error
     assert hf.get_count("a-extra-1.bin") == 0 and hf.get_count(GGUF_NAME) == 0, "nothing was downloaded"
     filler.unlink()
 
