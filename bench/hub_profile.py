@@ -118,6 +118,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=6000, help="requests in the measured pass")
     parser.add_argument("--profiled", type=int, default=2000, help="requests in the profiled pass")
     parser.add_argument("--top", type=int, default=30, help="functions to list")
+    parser.add_argument("--limits", action="store_true",
+                        help="usage accounting on and a key under limits it never reaches (gateway_overhead's "
+                             "porten+limits row); without it, both off (its judged row)")
     args = parser.parse_args()
 
     stack = Stack()
@@ -128,8 +131,9 @@ def main() -> None:
                     f"http://127.0.0.1:{stub_port}/health")
         stack.serving("stub-model", stub_port)
         stats_path = stack.workdir / "hub.pstats"
-        hub = stack.start_hub(command=[sys.executable, str(Path(__file__).resolve()), "--hub", str(stats_path)])
-        key = stack.api_key()
+        hub = stack.start_hub(command=[sys.executable, str(Path(__file__).resolve()), "--hub", str(stats_path)],
+                              PORTEN_USAGE_ENABLED="1" if args.limits else "0")
+        key = stack.api_key(rpm_limit=10**9, tpm_limit=10**9) if args.limits else stack.api_key()
         apply_layout(layouts([stack.hub.pid])[-1][1])  # the hub on a core of its own, where there are two
         asyncio.run(passes(hub, key, stack.hub.pid, stream=not args.plain, tokens=args.tokens,
                            requests=args.requests, profiled=args.profiled, stats_path=stats_path))

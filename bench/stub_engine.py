@@ -25,6 +25,9 @@ The stub is kept cheap, because on a small machine it shares the cores with the 
 measures: each connection is a plain asyncio protocol, each token a timer that writes bytes made
 once per (route, model, length), with no task, stream reader or JSON encoding per token
 (docs/performance.md, "How the bench is built").
+
+A stream asked for `stream_options: {"include_usage": true}` ends with a usage chunk, as
+llama.cpp's and vLLM's do.
 """
 from __future__ import annotations
 
@@ -61,10 +64,11 @@ class Answers:
     def count(self, request: dict) -> int:
         return min(int(request.get("max_tokens") or self.tokens), self.tokens)
 
-    def stream(self, chat: bool, model, count: int) -> list[bytes]:
+    def stream(self, chat: bool, model, count: int, usage: bool = False) -> list[bytes]:
         """A streamed answer's writes, one per token: the last also carries the [DONE] event and the
-        body's end (one write, so no two timers due at once have to run in order)."""
-        key = ("stream", chat, model, count)
+        body's end (one write, so no two timers due at once have to run in order), and with `usage`
+        (the request's stream_options.include_usage) a usage chunk before [DONE], as engines send."""
+        key = ("stream", chat, model, count, usage)
         if key not in self.made:
             parts = []
             for i in range(count):
@@ -83,6 +87,12 @@ class Answers:
                 parts = parts or [b""]
                 parts[0] = role + parts[0]
                 parts[-1] += _chunk({**head, "choices": [end]})
+            if usage:
+                parts = parts or [b""]
+                parts[-1] += _chunk({"id": "stub-1", "object": "chat.completion.chunk" if chat else "text_completion",
+                                     "created": self.created, "model": model, "choices": [],
+                                     "usage": {"prompt_tokens": 5, "completion_tokens": count,
+                                               "total_tokens": 5 + count}})
             self.made[key] = parts[:-1] + [(parts[-1] if parts else b"") + DONE]
         return self.made[key]
 
@@ -203,7 +213,9 @@ class StubConnection(asyncio.Protocol):
             self.timers = [self.loop.call_later(self.token_delay_s * count, self._finish, answer)]
             return
         self.transport.write(STREAM_HEAD)
-        parts = self.answers.stream(chat, model, count)
+        options = request.get("stream_options")
+        usage = isinstance(options, dict) and options.get("include_usage") is True
+        parts = self.answers.stream(chat, model, count, usage)
         started = self.loop.time()
         self.timers = [self.loop.call_at(started + (i + 1) * self.token_delay_s, self.transport.write, part)
                        for i, part in enumerate(parts[:-1])]

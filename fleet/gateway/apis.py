@@ -17,7 +17,7 @@ from porten.metrics import rate_limited_count
 
 from .asgi import EventStream, too_large
 from .limits import RateLimited, estimated_prompt_tokens, limits_take
-from .metering import Meter, MeteredStream
+from .metering import Meter, StreamMeter, metered
 from .validation import (
     BadRequest, adapt, pooled_embeddings, validate_chat, validate_common, validate_completion, validate_embeddings,
     validate_limits,
@@ -97,7 +97,7 @@ async def _generate(request, *, path: str, validate_kind) -> HttpResponse:
     options = body.get("stream_options")
     client_wants_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
     if stream and not client_wants_usage and settings.PORTEN_USAGE_ENABLED:
-        # Asked of the engine for usage records; MeteredStream keeps it from the client.
+        # Asked of the engine for usage records; the StreamMeter keeps it from the client.
         if options is None and (trimmed := raw.rstrip()).endswith(b"}"):
             raw = trimmed[:-1] + b', "stream_options": {"include_usage": true}}'  # no second encoding
         else:
@@ -143,10 +143,10 @@ def rate_limited(limited: RateLimited) -> HttpResponse:
 
 
 def metered_stream(response: EventStream, meter: Meter) -> EventStream:
-    metered = EventStream(MeteredStream(response.source, meter), status=response.status_code)
-    for name, value in response.items():
-        metered[name] = value
-    return metered
+    """The same answer, its events watched by a StreamMeter as they are sent."""
+    response.meter = StreamMeter(meter)
+    response.streaming_content = metered(response.source, response.meter)  # for Django's handler
+    return response
 
 
 async def _answer(model, path: str, raw: bytes, *, stream: bool, budget_s: float) -> HttpResponse:

@@ -36,6 +36,7 @@ class EventStream(StreamingHttpResponse):
     def __init__(self, source: AsyncIterator[bytes], **kwargs) -> None:
         super().__init__(source, content_type="text/event-stream", **kwargs)
         self.source = source
+        self.meter = None  # a metering.StreamMeter that sees each part as it is sent, if any
         self["Cache-Control"] = "no-cache"
         self["X-Accel-Buffering"] = "no"
 
@@ -164,16 +165,22 @@ async def send_response(response: HttpResponse, send) -> float | None:
         await send(start)
         await send({"type": "http.response.body", "body": response.content})
         return None
-    source, first_event_at = response.source, None
+    source, meter, first_event_at = response.source, response.meter, None
     try:
         await send(start)
         async for part in source:
+            if meter is not None and not (part := meter.feed(part)):
+                continue
             await send({"type": "http.response.body", "body": part, "more_body": True})
             if first_event_at is None and part[:1] != b":" and not part.startswith(b'data: {"error"'):
                 first_event_at = time.perf_counter()
-        await send({"type": "http.response.body"})
+        await send({"type": "http.response.body", "body": meter.end() if meter is not None else b""})
     finally:
-        await source.aclose()
+        try:
+            await source.aclose()
+        finally:
+            if meter is not None:
+                meter.close()
     return first_event_at
 
 

@@ -20,18 +20,19 @@ FLUSH_S = 1.0
 
 class UsageTally:
     def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
+        # (hour, key id, user id, model id) -> [requests, prompt tokens, completion tokens]; named as
+        # the Redis hash's fields (usage_field) only when flushed
+        self.counts: dict[tuple, list[int]] = {}
         self.task: asyncio.Task | None = None
 
     def add(self, scope: Scope | None, model_id: str, *, prompt_tokens: int, completion_tokens: int) -> None:
-        hour = int(time.time() // 3600 * 3600)
-        key_id = scope.api_key_id if scope is not None else None
-        user_id = scope.user_id if scope is not None else None
-        self.counts[usage_field(hour, key_id, user_id, model_id, "r")] += 1
-        if prompt_tokens:
-            self.counts[usage_field(hour, key_id, user_id, model_id, "p")] += prompt_tokens
-        if completion_tokens:
-            self.counts[usage_field(hour, key_id, user_id, model_id, "c")] += completion_tokens
+        key = (int(time.time() // 3600 * 3600), scope.api_key_id if scope is not None else None,
+               scope.user_id if scope is not None else None, model_id)
+        if (counts := self.counts.get(key)) is None:
+            counts = self.counts[key] = [0, 0, 0]
+        counts[0] += 1
+        counts[1] += prompt_tokens
+        counts[2] += completion_tokens
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._flush_soon(), name="porten-usage")
 
@@ -40,16 +41,21 @@ class UsageTally:
         await self.flush()
 
     async def flush(self) -> None:
-        counts, self.counts = self.counts, Counter()
-        if not counts:
+        tallied, self.counts = self.counts, {}
+        fields = Counter({usage_field(*key, kind): amount for key, counts in tallied.items()
+                          for kind, amount in zip("rpc", counts) if amount})
+        if not fields:
             return
         pipe = aredis_client().pipeline(transaction=False)
-        for name, amount in counts.items():
+        for name, amount in fields.items():
             pipe.hincrby(PENDING_KEY, name, amount)
         try:
             await pipe.execute()
         except Exception:
-            self.counts.update(counts)  # kept for the next flush; a hub that dies meanwhile loses them
+            for key, counts in tallied.items():  # kept for the next flush; a hub that dies meanwhile loses them
+                kept = self.counts.setdefault(key, [0, 0, 0])
+                for i, amount in enumerate(counts):
+                    kept[i] += amount
             logger.warning("could not write usage to Redis; kept for the next try", exc_info=True)
             if self.task is None or self.task.done() or self.task is asyncio.current_task():
                 self.task = asyncio.get_running_loop().create_task(self._flush_soon(), name="porten-usage")

@@ -1,5 +1,6 @@
 """A caller who goes away stops the engine's work: through a live hub, the engine sees its
-connection closed when the client disconnects mid-stream or before a plain answer."""
+connection closed when the client disconnects mid-stream or before a plain answer, and what it
+produced until then is still recorded as the key's usage."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +12,8 @@ import pytest
 from django.utils import timezone
 
 from fleet.models import Instance, Node, Phase
+from porten.models import UsageRecord
+from porten.usage import usage_persist
 from tests.fleet.conftest import offered
 
 
@@ -78,6 +81,12 @@ def test_a_client_leaving_mid_stream_closes_the_engine_connection(live_hub, api_
     # Leaving the block closed the client's connection mid-stream.
     assert slow_engine.closed.wait(10), "the engine kept generating for a caller who had left"
     assert slow_engine.requests == 1
+    # What the engine produced until then is recorded (its one token; it sent no usage).
+    deadline = time.monotonic() + 10
+    while not (rows := list(UsageRecord.objects.filter(model_id=slow_engine.model_id))) and time.monotonic() < deadline:
+        time.sleep(0.5)  # the hub writes its tallies to Redis within a second
+        usage_persist()
+    assert [(row.requests, row.completion_tokens) for row in rows] == [(1, 1)]
 
 
 def test_a_client_leaving_before_a_plain_answer_closes_the_engine_connection(live_hub, api_key, slow_engine):

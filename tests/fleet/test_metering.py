@@ -1,4 +1,4 @@
-"""MeteredStream: however an engine's stream is cut into reads, the client gets the events as sent,
+"""StreamMeter: however an engine's stream is cut into reads, the client gets the events as sent,
 less the usage chunk it did not ask for (or plus one it asked for and the engine did not send), and
 the meter records what the client was told."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fleet.gateway.metering import Meter, MeteredStream
+from fleet.gateway.metering import Meter, StreamMeter, metered
 
 
 def _event(data: dict) -> bytes:
@@ -44,7 +44,7 @@ async def _relay(blob: bytes, size: int, *, wants_usage: bool) -> tuple[bytes, d
     meter = Meter(None, "m", None, estimated_prompt_tokens=7, client_wants_usage=wants_usage)
     recorded: dict = {}
     meter.finish = lambda **kw: recorded.update(kw)  # our own object: what it would record
-    out = b"".join([part async for part in MeteredStream(Reads(blob, size), meter)])
+    out = b"".join([part async for part in metered(Reads(blob, size), StreamMeter(meter))])
     return out, recorded
 
 
