@@ -12,6 +12,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from catalog.selectors import offered_model_aget
 from fleet.live import FLEET_GROUP, warming_group
 from fleet.selectors import model_warming_state
+from porten.auth import caller_scope
 
 from .selectors import fleet_overview
 
@@ -48,8 +49,8 @@ class WarmingConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.model = await offered_model_aget(self.scope["url_route"]["kwargs"]["model_id"])
-        if self.model is None:
-            await self.close(code=CLOSE_UNKNOWN_MODEL)
+        if self.model is None or not (await caller_scope(user)).allows(self.model.model_id):
+            await self.close(code=CLOSE_UNKNOWN_MODEL)  # outside the person's scope: as if unknown
             return
         # Join before reading the snapshot, so no change falls between the two.
         self.group = warming_group(self.model.model_id)

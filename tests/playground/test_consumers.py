@@ -103,6 +103,26 @@ async def test_unknown_or_disabled_model_is_refused():
         assert await closed_with(communicator) == CLOSE_UNKNOWN_MODEL
 
 
+async def test_a_model_outside_the_persons_scope_is_refused_as_if_unknown():
+    cookie = await session_cookie("grace")
+    await offered("ws-theirs")
+    await offered("ws-other")
+
+    @sync_to_async
+    def limit_to_theirs():
+        from django.contrib.auth import get_user_model
+
+        from porten.models import AccessPolicy
+        AccessPolicy.objects.create(user=get_user_model().objects.get(username="grace"), allowed_models=["ws-theirs"])
+
+    await limit_to_theirs()
+    assert await closed_with(socket("ws-other", cookie)) == CLOSE_UNKNOWN_MODEL
+    allowed = socket("ws-theirs", cookie)
+    assert (await allowed.connect())[0]
+    assert (await allowed.receive_json_from(timeout=2))["model"] == "ws-theirs"
+    await allowed.disconnect()
+
+
 async def test_a_foreign_origin_is_refused():
     await offered("ws-origin")
     communicator = WebsocketCommunicator(application, "/ws/warming/ws-origin/",
