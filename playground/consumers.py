@@ -31,7 +31,20 @@ FLEET_MIN_INTERVAL_S = 0.25
 # The node publishes about four states a second; a browser needs no more than five.
 MIN_INTERVAL_S = 0.2
 
-class WarmingConsumer(AsyncJsonWebsocketConsumer):
+
+class PageSocket(AsyncJsonWebsocketConsumer):
+    """A socket a page opens. A page may send only {"type": "refresh"}; anything unreadable is
+    ignored, not fatal."""
+
+    @classmethod
+    async def decode_json(cls, text_data):
+        try:
+            return await super().decode_json(text_data)
+        except ValueError:
+            return None
+
+
+class WarmingConsumer(PageSocket):
     """`/ws/warming/<model id>/`. Pushes are best effort: the page also polls the public warming
     endpoint when the socket is quiet or gone, so nothing here needs to be reliable, only fresh."""
 
@@ -62,14 +75,6 @@ class WarmingConsumer(AsyncJsonWebsocketConsumer):
             self.flush_task.cancel()
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
-
-    @classmethod
-    async def decode_json(cls, text_data):
-        # A page may send only {"type": "refresh"}; anything unreadable is ignored, not fatal.
-        try:
-            return await super().decode_json(text_data)
-        except ValueError:
-            return None
 
     async def receive_json(self, content, **kwargs) -> None:
         # The page asks again when it suspects it missed something (a tab woken from sleep).
@@ -105,7 +110,7 @@ class WarmingConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json(state)
 
 
-class FleetConsumer(AsyncJsonWebsocketConsumer):
+class FleetConsumer(PageSocket):
     """`/ws/fleet/`, for staff only. Each message is the whole fleet (`fleet_overview`, with `type`
     "fleet"): on connect, soon after a change pushed to the fleet group, and every FLEET_REFRESH_S.
     A push carries nothing but "something changed", so a lost one costs at most one timer period."""
@@ -134,13 +139,6 @@ class FleetConsumer(AsyncJsonWebsocketConsumer):
             self.refresher.cancel()
         if self.joined:
             await self.channel_layer.group_discard(FLEET_GROUP, self.channel_name)
-
-    @classmethod
-    async def decode_json(cls, text_data):
-        try:
-            return await super().decode_json(text_data)
-        except ValueError:
-            return None
 
     async def receive_json(self, content, **kwargs) -> None:
         # The page asks again when it suspects it missed something (a tab woken from sleep).
