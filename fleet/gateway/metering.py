@@ -76,6 +76,7 @@ class StreamMeter:
         self.tokens, self.usage, self.last_events, self.pending = 0, None, b"", b""
         self.uncounted: list[bytes] = []
         self.uncounted_bytes = 0
+        self.engine_answered = False  # a chunk with choices went by: the engine took the prompt
 
     def feed(self, part: bytes) -> bytes:
         """What to send of this part: its whole events (a split event's head waits for its tail)."""
@@ -104,12 +105,15 @@ class StreamMeter:
         return rest
 
     def close(self) -> None:
-        """Record the usage, once: the engine's, else what was counted (a stream cut off included)."""
+        """Record the usage, once: the engine's, else what was counted (a stream cut off included),
+        and nothing for a stream no engine answered (a cold load that failed, or that the client
+        left while it waited)."""
         if self.usage is not None:
             self.meter.finish(prompt_tokens=int(self.usage.get("prompt_tokens") or 0),
                               completion_tokens=int(self.usage.get("completion_tokens") or 0))
         else:
-            self.meter.finish(prompt_tokens=None, completion_tokens=self._count())
+            completion = self._count()
+            self.meter.finish(prompt_tokens=None if self.engine_answered else 0, completion_tokens=completion)
 
     def _keep(self, events: bytes) -> None:
         self.uncounted.append(events)
@@ -119,7 +123,9 @@ class StreamMeter:
 
     def _count(self) -> int:
         if self.uncounted:
-            self.tokens += len(_TOKEN.findall(b"".join(self.uncounted)))
+            events = b"".join(self.uncounted)
+            self.tokens += len(_TOKEN.findall(events))
+            self.engine_answered = self.engine_answered or b'"choices"' in events
             self.uncounted, self.uncounted_bytes = [], 0
         return self.tokens
 

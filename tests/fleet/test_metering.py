@@ -61,3 +61,20 @@ async def test_any_cut_of_the_stream_is_relayed_and_metered_alike(size):
     assert made["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
     assert made["choices"] == [] and made["id"] == "a" and out.endswith(DONE)
     assert recorded == {"prompt_tokens": 7, "completion_tokens": 5}
+
+
+WARMING = b": warming downloading 40%\n\n"
+FAILED = _event({"error": {"message": "The model could not be loaded.", "type": "server_error",
+                           "code": "model_load_failed", "status": 503}})
+
+
+@pytest.mark.parametrize("size", [1, 13, 10_000])
+async def test_a_stream_no_engine_answered_records_nothing_used(size):
+    # A cold load that failed: keep-alive comments, then the error event. Nothing reached an engine.
+    out, recorded = await _relay(WARMING + FAILED, size, wants_usage=False)
+    assert out == WARMING + FAILED and recorded == {"prompt_tokens": 0, "completion_tokens": 0}
+    out, recorded = await _relay(WARMING + WARMING, size, wants_usage=True)  # the client left while it waited
+    assert out == WARMING + WARMING and recorded == {"prompt_tokens": 0, "completion_tokens": 0}
+    # Once the engine answered, a stream that ends without usage still charges the estimated prompt.
+    out, recorded = await _relay(WARMING + ROLE + TOKENS[0], size, wants_usage=False)
+    assert recorded == {"prompt_tokens": None, "completion_tokens": 1}

@@ -18,7 +18,7 @@ from porten.keys import api_key_create
 from porten.models import UsageRecord
 from porten.usage import usage_persist
 from tests.conftest import REPO_ROOT, hub_command, service_env, wait_for_http
-from tests.fleet.conftest import offered
+from tests.fleet.conftest import BROKEN_REPO, offered
 from tests.services_plugin import free_port
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
@@ -128,6 +128,10 @@ def test_usage_recorded_is_what_clients_were_told(live_hub, node_worker, hf):
     not_asked, done = _stream(live_hub.url, key, "gemma-usage")
     assert done and all(chunk.get("usage") is None for chunk in not_asked), "no usage chunk it did not ask for"
     produced = sum(1 for c in not_asked for choice in c["choices"] if choice.get("delta", {}).get("content"))
+    # A cold stream whose load fails reached no engine: it counts as a request that used nothing.
+    offered("broken-usage", repo=BROKEN_REPO, hf_files=["*.gguf"])
+    failed, done = _stream(live_hub.url, key, "broken-usage", stream_options={"include_usage": True})
+    assert not done and failed[-1]["error"]["code"] == "model_load_failed"
 
     time.sleep(1.5)  # the hub writes its tallies to Redis within a second
     usage_persist()
@@ -136,3 +140,5 @@ def test_usage_recorded_is_what_clients_were_told(live_hub, node_worker, hf):
     assert rows[0].completion_tokens == (plain["completion_tokens"] + streamed_usage["completion_tokens"]
                                          + produced)
     assert rows[0].prompt_tokens >= plain["prompt_tokens"] + streamed_usage["prompt_tokens"]
+    broken = UsageRecord.objects.get(api_key__isnull=False, model_id="broken-usage")
+    assert (broken.requests, broken.prompt_tokens, broken.completion_tokens) == (1, 0, 0)
