@@ -18,6 +18,7 @@ from .keys import api_key_afor, bearer_token
 from .scopes import Scope, key_scope, user_scope
 
 KEY_TTL_S = 10.0  # a revoked key stops working within this long in every hub process
+KEY_REFRESH_S = 2.0  # a key in use is looked up again in the background this long before KEY_TTL_S
 TOUCH_EVERY = timedelta(minutes=1)  # last use is recorded at most this often (not per request)
 
 
@@ -46,8 +47,11 @@ async def _key_lookup(raw_key: str) -> ApiKeyUser | None:
 
 
 # Kept by the key as sent: a dict lookup, where hashing it costs more per request. A bad key is
-# looked up again each time, never answered from the cache.
-_keys: Cache[str, ApiKeyUser] = Cache("api-key", _key_lookup, ttl_s=KEY_TTL_S, stale_for_s=0.0, keep_negative=False)
+# looked up again each time, never answered from the cache. A key in use is looked up again while
+# its answer still serves (a busy key's requests never all wait on one lookup, and so never leave
+# together, in step), and no answer is older than KEY_TTL_S.
+_keys: Cache[str, ApiKeyUser] = Cache("api-key", _key_lookup, ttl_s=KEY_TTL_S - KEY_REFRESH_S,
+                                      stale_for_s=KEY_REFRESH_S, keep_negative=False)
 
 
 async def api_key_user(raw_key: str) -> ApiKeyUser | None:

@@ -6,7 +6,10 @@ a request takes one request and its estimated prompt tokens when it arrives, and
 settles the tokens when it answers. A hub process that asks Redis for a request also takes a lease
 of what the bucket refills in LEASE_S (when that is 2 or more) and spends it locally until it runs
 out or LEASE_S passes: a busy key costs a Redis round trip a second per process, not one per
-request, and the processes together never take more than the bucket holds. Concurrency is counted
+request, and the processes together never take more than the bucket holds. A lease half spent (in
+time or in amount) is topped up in the background while it is still spent, so that a busy key's
+requests never wait for Redis: waiting, the requests that came meanwhile were let go together, and
+clients that arrive together stay in step. Concurrency is counted
 in Redis on every request (a slot must be given back exactly). Redis unavailable: limits fail open
 (logged), the request goes on.
 """
@@ -30,13 +33,15 @@ LEASE_S = 1.0  # a process's lease is what the bucket refills in this long, spen
 
 # KEYS: requests bucket, tokens bucket, concurrency counter.
 # ARGV: now (ms), rpm (0: none), tpm (0: none), estimated tokens, concurrent (0: none), TTL (ms),
-#       requests and tokens wanted as a lease, requests and tokens of a lapsed lease given back.
+#       requests and tokens wanted as a lease, requests and tokens of a lapsed lease given back,
+#       1 when a request takes its own share (0: a lease topped up, nothing of its own).
 # Returns {allowed (1/0), what ran out ("requests"/"tokens"/"concurrent"/""), wait (ms),
 #          requests left, tokens left, requests leased, tokens leased}.
 TAKE = """
 local now = tonumber(ARGV[1])
 local rpm, tpm, est, conc = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local want_r, want_t, back_r, back_t = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local own = tonumber(ARGV[11])
 local function level(key, cap, back)
   local v = redis.call('HMGET', key, 'l', 't')
   local l, t = tonumber(v[1]), tonumber(v[2])
@@ -48,7 +53,7 @@ local rl, tl = -1, -1
 if rpm > 0 then rl = level(KEYS[1], rpm, back_r) end
 if tpm > 0 then tl = level(KEYS[2], tpm, back_t) end
 local wait, out = 0, ''
-if rpm > 0 and rl < 1 then wait = math.ceil((1 - rl) * 60000 / rpm); out = 'requests' end
+if own == 1 and rpm > 0 and rl < 1 then wait = math.ceil((1 - rl) * 60000 / rpm); out = 'requests' end
 local need = math.min(est, tpm)
 if tpm > 0 and tl < need then
   local w = math.ceil((need - tl) * 60000 / tpm)
@@ -65,7 +70,7 @@ if out ~= '' then
 end
 local got_r, got_t = 0, 0
 if rpm > 0 then
-  rl = rl - 1
+  rl = rl - own
   got_r = math.max(0, math.min(want_r, math.floor(rl)))
   rl = rl - got_r
   redis.call('HSET', KEYS[1], 'l', rl, 't', now); redis.call('PEXPIRE', KEYS[1], ARGV[6])
@@ -141,12 +146,16 @@ def _warn_open(exc: Exception) -> None:
 
 
 def _headers(scope: Scope, requests_left: int, tokens_left: int) -> dict[str, str]:
+    """OpenAI's headers. What is left counts this process's lease with the bucket, up to the limit
+    (a lease topped up while the bucket refilled would count past it)."""
     headers = {}
     if scope.rpm:
+        requests_left = min(requests_left, scope.rpm)
         headers["x-ratelimit-limit-requests"] = str(scope.rpm)
         headers["x-ratelimit-remaining-requests"] = str(requests_left)
         headers["x-ratelimit-reset-requests"] = _duration((scope.rpm - requests_left) * 60 / scope.rpm)
     if scope.tpm:
+        tokens_left = min(tokens_left, scope.tpm)
         headers["x-ratelimit-limit-tokens"] = str(scope.tpm)
         headers["x-ratelimit-remaining-tokens"] = str(tokens_left)
         headers["x-ratelimit-reset-tokens"] = _duration((scope.tpm - tokens_left) * 60 / scope.tpm)
@@ -155,13 +164,22 @@ def _headers(scope: Scope, requests_left: int, tokens_left: int) -> dict[str, st
 
 @dataclass
 class Lease:
-    """Requests and tokens this process took from a bucket ahead of use, until `until` (monotonic)."""
+    """Requests and tokens this process took from a bucket ahead of use, until `until` (monotonic);
+    topped up in the background from `renew_at` on, or once half of it is spent."""
 
     requests: int
     tokens: int
     until: float
     requests_left: int  # the bucket's levels when it was granted, for the headers
     tokens_left: int
+    wanted_requests: int = 0  # what a lease of this key holds when full
+    wanted_tokens: int = 0
+    renew_at: float = 0.0
+    renewing: bool = False
+
+    def due(self, now: float) -> bool:
+        return not self.renewing and (now >= self.renew_at or self.requests * 2 < self.wanted_requests
+                                      or self.tokens * 2 < self.wanted_tokens)
 
 
 def _leases() -> dict[str, Lease]:
@@ -172,13 +190,52 @@ def _from_lease(scope: Scope, estimated_tokens: int) -> Lease | None:
     if scope.concurrent:
         return None
     lease = per_loop(_leases).get(scope.bucket)
-    if lease is None or lease.until < time.monotonic():
+    now = time.monotonic()
+    if lease is None or lease.until < now:
         return None
     if (scope.rpm and lease.requests < 1) or (scope.tpm and lease.tokens < estimated_tokens):
         return None
     lease.requests -= 1 if scope.rpm else 0
     lease.tokens -= estimated_tokens if scope.tpm else 0
+    if lease.due(now):
+        lease.renewing = True
+        asyncio.get_running_loop().create_task(_top_up(scope, lease), name="porten-lease")
     return lease
+
+
+def _wanted(scope: Scope) -> tuple[int, int]:
+    """What a lease of this scope holds when full: (0, 0) where it gets none."""
+    if scope.concurrent:
+        return 0, 0
+    want_r = int(scope.rpm * LEASE_S / 60) if scope.rpm else 0
+    want_t = int(scope.tpm * LEASE_S / 60) if scope.tpm else 0
+    return (want_r, want_t) if want_r >= 2 or (not scope.rpm and want_t >= 2) else (0, 0)
+
+
+async def _top_up(scope: Scope, lease: Lease) -> None:
+    """Fill a lease in use back to what it holds when full, and give it another LEASE_S."""
+    try:
+        take, _ = per_loop(_scripts)
+        _, _, _, requests_left, tokens_left, got_r, got_t = await take(
+            keys=_keys(scope.bucket), args=[
+                int(time.time() * 1000), scope.rpm or 0, scope.tpm or 0, 0, 0, TTL_MS,
+                max(lease.wanted_requests - lease.requests, 0) if lease.wanted_requests else 0,
+                max(lease.wanted_tokens - lease.tokens, 0) if lease.wanted_tokens else 0, 0, 0, 0])
+    except Exception as exc:
+        _warn_open(exc)  # the lease runs out or lapses as it would have; the next request asks again
+        return
+    finally:
+        lease.renewing = False
+    _granted(lease, int(got_r), int(got_t), int(requests_left), int(tokens_left))
+
+
+def _granted(lease: Lease, requests: int, tokens: int, requests_left: int, tokens_left: int) -> None:
+    """Redis added `requests` and `tokens` to this lease: spend them within LEASE_S."""
+    now = time.monotonic()
+    lease.requests += requests
+    lease.tokens += tokens
+    lease.requests_left, lease.tokens_left = requests_left, tokens_left
+    lease.until, lease.renew_at = now + LEASE_S, now + LEASE_S / 2
 
 
 async def limits_take(scope: Scope, *, estimated_tokens: int) -> Taken:
@@ -192,16 +249,18 @@ async def limits_take(scope: Scope, *, estimated_tokens: int) -> Taken:
         taken.counted = True
         return taken
     leases = per_loop(_leases)
-    lapsed = leases.pop(scope.bucket, None)
-    want_r = int(scope.rpm * LEASE_S / 60) if scope.rpm and not scope.concurrent else 0
-    want_t = int(scope.tpm * LEASE_S / 60) if scope.tpm and not scope.concurrent else 0
-    want_r, want_t = (want_r, want_t) if want_r >= 2 or (not scope.rpm and want_t >= 2) else (0, 0)
+    want_r, want_t = _wanted(scope)
+    back_r = back_t = 0
+    if (lease := leases.get(scope.bucket)) is not None:
+        # Lapsed, or too little for this request: what is left of it goes back to the bucket.
+        back_r, back_t, lease.requests, lease.tokens = lease.requests, lease.tokens, 0, 0
+        lease.wanted_requests, lease.wanted_tokens = want_r, want_t  # the key's limits may have changed
     try:
         take, _ = per_loop(_scripts)
         allowed, what, wait_ms, requests_left, tokens_left, got_r, got_t = await take(
             keys=_keys(scope.bucket), args=[
                 int(time.time() * 1000), scope.rpm or 0, scope.tpm or 0, estimated_tokens, scope.concurrent or 0,
-                TTL_MS, want_r, want_t, lapsed.requests if lapsed else 0, lapsed.tokens if lapsed else 0])
+                TTL_MS, want_r, want_t, back_r, back_t, 1])
     except Exception as exc:
         _warn_open(exc)
         return taken
@@ -210,8 +269,10 @@ async def limits_take(scope: Scope, *, estimated_tokens: int) -> Taken:
     if not allowed:
         raise RateLimited(what, max(1, math.ceil(int(wait_ms) / 1000)), taken.headers)
     if int(got_r) or int(got_t):
-        leases[scope.bucket] = Lease(requests=int(got_r), tokens=int(got_t), until=time.monotonic() + LEASE_S,
-                                     requests_left=int(requests_left), tokens_left=int(tokens_left))
+        if (lease := leases.get(scope.bucket)) is None:
+            lease = leases[scope.bucket] = Lease(requests=0, tokens=0, until=0.0, requests_left=0, tokens_left=0,
+                                                 wanted_requests=want_r, wanted_tokens=want_t)
+        _granted(lease, int(got_r), int(got_t), int(requests_left), int(tokens_left))
     taken.counted = True
     return taken
 

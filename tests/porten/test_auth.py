@@ -1,4 +1,7 @@
 """/v1 needs a Bearer API key; errors are OpenAI-shaped."""
+import asyncio
+import time
+
 import pytest
 
 from porten.models import ApiKey
@@ -57,7 +60,21 @@ async def test_the_async_check_knows_a_key_records_its_use_and_drops_it_once_rev
 
     await ApiKey.objects.aupdate(is_active=False)
     assert (await auth.authenticate_async(request(api_key)))[0] is caller  # remembered for a few seconds
-    auth._keys.entries.update({key: (0.0, user) for key, (_, user) in auth._keys.entries.items()})  # time passes
+    # Near the end of its time, the answer still serves while the key is looked up again ...
+    near_end = time.monotonic() - auth.KEY_TTL_S + auth.KEY_REFRESH_S / 2
+    auth._keys.entries.update({key: (near_end, user) for key, (_, user) in auth._keys.entries.items()})
+    assert (await auth.authenticate_async(request(api_key)))[0] is caller
+    for _ in range(100):  # ... and once that lookup is back, the revoked key is refused
+        await asyncio.sleep(0.02)
+        if (await auth.authenticate_async(request(api_key)))[0] is None:
+            break
+    assert await auth.authenticate_async(request(api_key)) == (None, False)
+    # Past KEY_TTL_S, an answer is never used: the key is looked up before it is answered.
+    await ApiKey.objects.aupdate(is_active=True)
+    assert (await auth.authenticate_async(request(api_key)))[0] is not None
+    await ApiKey.objects.aupdate(is_active=False)
+    past = time.monotonic() - auth.KEY_TTL_S - 0.01
+    auth._keys.entries.update({key: (past, user) for key, (_, user) in auth._keys.entries.items()})
     assert await auth.authenticate_async(request(api_key)) == (None, False)
 
 

@@ -138,6 +138,37 @@ async def test_limits_fail_open_when_redis_is_unreachable(bucket, settings, capl
         reset_clients()
 
 
+def _take_at_once(scope: Scope, estimated_tokens: int):
+    """limits_take run to its end without letting the loop run: its Taken, or None where it had to
+    wait (for Redis)."""
+    coroutine = limits_take(scope, estimated_tokens=estimated_tokens)
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    return None
+
+
+async def test_a_busy_keys_lease_is_topped_up_before_it_lapses_and_no_request_waits(bucket):
+    scope = Scope(bucket=bucket, rpm=6000, tpm=600_000)  # a lease: 100 requests and 10,000 tokens a second
+    first = await limits_take(scope, estimated_tokens=10)  # the first asks Redis, and takes a lease
+    assert first.counted and first.headers["x-ratelimit-limit-requests"] == "6000"
+    started, served = time.monotonic(), 1
+    while time.monotonic() - started < 2.5:  # past two lease lifetimes, 20 requests a second
+        taken = _take_at_once(scope, 10)
+        assert taken is not None, f"request {served + 1} waited for Redis"
+        assert taken.counted and 0 < int(taken.headers["x-ratelimit-remaining-requests"]) <= 6000
+        served += 1
+        await asyncio.sleep(0.05)  # the loop runs: top-ups go out in the background
+    assert served >= 40
+    # What the bucket lost is what was served plus what this process holds in its lease.
+    level = float((await aredis_client().hget(f"porten:rl:{bucket}:req", "l")))
+    refilled = (time.monotonic() - started + 0.1) * 100
+    assert 6000 - served - 200 <= level <= 6000, (level, served)
+    assert level <= 6000 - served + refilled
+
+
 def test_leases_never_let_two_processes_take_more_than_the_bucket_holds(db):
     """Two event loops (as two hub processes: each keeps its own leases) share a 600-a-minute key."""
     import threading
@@ -148,12 +179,15 @@ def test_leases_never_let_two_processes_take_more_than_the_bucket_holds(db):
 
     def one_process() -> None:
         async def spend() -> int:
-            taken = 0
+            taken, refused = 0, 0
             try:
-                while True:
-                    await limits_take(scope, estimated_tokens=1)
-                    taken += 1
-            except RateLimited:
+                while refused < 2:  # once refused, a top-up still on its way may land in the lease: spend it
+                    try:
+                        await limits_take(scope, estimated_tokens=1)
+                        taken, refused = taken + 1, 0
+                    except RateLimited:
+                        refused += 1
+                        await asyncio.sleep(0.05)
                 return taken
             finally:
                 await aredis_client().aclose()
