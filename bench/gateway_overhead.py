@@ -148,6 +148,10 @@ def run_table(title: str, targets: dict[str, tuple[str, str | None]], model: str
             limit_costs.append(extra)
             print(f"  limits and usage on: {extra:+.2f} ms added p50 over {judged} (target at most "
                   f"+{TARGET_LIMITS_MS:g} ms): {'met' if extra <= TARGET_LIMITS_MS else 'missed'}")
+        if "porten-again" in results:
+            control = results["porten-again"]["p50_ms"] - porten["p50_ms"]
+            print(f"  the same hub twice: {control:+.2f} ms added p50 of porten-again over {judged} "
+                  "(what this row's comparisons move by chance)")
         added = porten["p50_ms"] - base["p50_ms"]
         ratio = porten["p50_ms"] / base["p50_ms"]
         peer_added = peer["p50_ms"] - base["p50_ms"] if peer is not None else None
@@ -173,6 +177,9 @@ def main() -> None:
                         help="also a row at this many clients (256, say), to see what extra processes bring")
     parser.add_argument("--limits", action="store_true",
                         help="add a row target with rate limits and usage accounting on (porten+limits)")
+    parser.add_argument("--control", action="store_true",
+                        help="add a second hub configured as the judged one (porten-again): the noise floor of "
+                             "the comparisons between Porten targets")
     parser.add_argument("--rounds", type=int, default=ROUNDS,
                         help="turns the targets take in each row (1: each measured once, one after the other)")
     args = parser.parse_args()
@@ -203,6 +210,11 @@ def main() -> None:
             limited_key = stack.api_key(rpm_limit=10**9, tpm_limit=10**9)
             targets["porten+limits"] = (stack.start_hub(server, int(processes or 1)), limited_key)
             pids["porten+limits"] = stack.hub.pid
+        if args.control:
+            # A second hub configured as the judged one: how far two identical targets land apart.
+            server, _, processes = args.servers.split(",")[0].partition(":")
+            targets["porten-again"] = (stack.start_hub(server, int(processes or 1), PORTEN_USAGE_ENABLED="0"), key)
+            pids["porten-again"] = stack.hub.pid
         hub, hub_pid = next((url, pids[name]) for name, (url, _) in targets.items() if name.startswith("porten"))
         litellm = start_litellm(stack, args.litellm, direct, "stub-model")
         if litellm:
