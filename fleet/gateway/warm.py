@@ -15,6 +15,7 @@ from datetime import timedelta
 
 import aiohttp
 from asgiref.sync import sync_to_async
+from redis.exceptions import RedisError
 from django.conf import settings
 from django.http import HttpResponse
 from django.utils import timezone
@@ -129,6 +130,12 @@ def _placed_or_refused(model: CatalogModel) -> Instance | PlacementError:
         return instance_ensure(model=model)
     except PlacementError as exc:
         return exc
+    except RedisError as exc:
+        # Placement takes its lock, and a load its queue, in Redis: none can start while it is away.
+        # Waiters keep trying, as when the fleet is busy, until it is back or their budget runs out.
+        logger.warning("cannot place %s: Redis does not answer (%s)", model.model_id, exc)
+        return PlacementError("fleet_unreachable", f"No load of {model.model_id} can start now: the fleet's queue "
+                                                   "(Redis) does not answer. Retry shortly.")
 
 
 async def _ensure(model: CatalogModel) -> Instance:

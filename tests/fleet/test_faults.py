@@ -455,3 +455,34 @@ def test_hub_restarted_during_a_load_the_load_goes_on_and_new_requests_find_it(
     assert Instance.objects.filter(model__model_id="gemma-hub-restart").count() == 1, "the load was not placed again"
     assert Instance.objects.get(pk=loading.pk).phase == Phase.READY
     assert hf.get_count(GGUF_NAME) == 1, "the weights came down once"
+
+
+def test_a_cold_request_while_redis_is_down_waits_for_it_and_past_its_budget_is_a_clear_503(
+        own_redis, node_worker_factory, hub_factory, hf, api_key):
+    worker = node_worker_factory(REDIS_URL=own_redis.url)
+    hub = hub_factory(REDIS_URL=own_redis.url).start()
+    gemma_model("gemma-no-redis")
+    own_redis.kill()
+    wait_for_status(hub.url + "/healthz", 503, timeout_s=5)
+
+    # No load can start without Redis: a request whose budget runs out first gets a clear 503.
+    started = time.monotonic()
+    status, headers, body = Call(hub.url, api_key, "gemma-no-redis", budget_s=3).wait(timeout_s=30)
+    assert status == 503, body
+    assert time.monotonic() - started < 3 + 5, "answered when its budget ran out"
+    error = json.loads(body)["error"]
+    assert error["code"] == "fleet_unreachable" and "Redis" in error["message"], error
+    assert "Traceback" not in body and "/" not in error["message"]
+    assert headers["retry-after"].isdigit()
+    assert not Instance.objects.filter(model__model_id="gemma-no-redis").exists(), "nothing placed"
+
+    # A stream waiting with a longer budget is served once Redis is back, by one load.
+    streamed = Call(hub.url, api_key, "gemma-no-redis", stream=True, budget_s=90)
+    time.sleep(3)
+    own_redis.start()
+    status, headers, body = streamed.wait(timeout_s=120)
+    assert status == 200 and body.rstrip().endswith("data: [DONE]"), body[-500:]
+    assert stream_text(body).strip()
+    assert headers["x-porten-cold-start"] == "true"
+    assert list(Instance.objects.filter(model__model_id="gemma-no-redis").values_list("phase", "node__name")) == [
+        (Phase.READY, worker.name)]
