@@ -13,7 +13,22 @@ class KeyRole(models.TextChoices):
     OPERATOR = "operator", "operator (/v1 and the operator API)"
 
 
-class ApiKey(models.Model):
+class Limits(models.Model):
+    """Per-minute request and token limits and a cap on concurrent requests: a key's own, or the
+    most an access policy lets its person's keys have."""
+
+    rpm_limit = models.PositiveIntegerField("requests per minute", null=True, blank=True,
+                                            validators=[MinValueValidator(1)], help_text="Empty: no limit.")
+    tpm_limit = models.PositiveIntegerField("tokens per minute", null=True, blank=True,
+                                            validators=[MinValueValidator(1)], help_text="Empty: no limit.")
+    max_concurrent = models.PositiveIntegerField("concurrent requests", null=True, blank=True,
+                                                 validators=[MinValueValidator(1)], help_text="Empty: no limit.")
+
+    class Meta:
+        abstract = True
+
+
+class ApiKey(Limits):
     name = models.CharField(max_length=100)
     prefix = models.CharField(max_length=16, help_text="The first characters of the key, to tell keys apart.")
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
@@ -25,12 +40,6 @@ class ApiKey(models.Model):
     allowed_models = models.JSONField(
         default=list, blank=True, help_text='Catalog ids this key may use, e.g. ["qwen3-8b"]; empty: every offered model.')
     expires_at = models.DateTimeField(null=True, blank=True, help_text="Refused (401) from then on; empty: never.")
-    rpm_limit = models.PositiveIntegerField("requests per minute", null=True, blank=True,
-                                            validators=[MinValueValidator(1)], help_text="Empty: no limit.")
-    tpm_limit = models.PositiveIntegerField("tokens per minute", null=True, blank=True,
-                                            validators=[MinValueValidator(1)], help_text="Empty: no limit.")
-    max_concurrent = models.PositiveIntegerField("concurrent requests", null=True, blank=True,
-                                                 validators=[MinValueValidator(1)], help_text="Empty: no limit.")
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
 
@@ -60,7 +69,7 @@ class AuditEntry(models.Model):
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.target}"
 
 
-class AccessPolicy(models.Model):
+class AccessPolicy(Limits):
     """What a person (or everyone in a group) may use: the models, and the most their keys may have.
     A person's own policy wins over their groups'; without either, every offered model, no limit."""
 
@@ -70,12 +79,6 @@ class AccessPolicy(models.Model):
                                  related_name="access_policy")
     allowed_models = models.JSONField(default=list, blank=True,
                                       help_text="Catalog ids; empty: every offered model.")
-    rpm_limit = models.PositiveIntegerField("requests per minute", null=True, blank=True,
-                                            validators=[MinValueValidator(1)], help_text="Empty: no limit.")
-    tpm_limit = models.PositiveIntegerField("tokens per minute", null=True, blank=True,
-                                            validators=[MinValueValidator(1)], help_text="Empty: no limit.")
-    max_concurrent = models.PositiveIntegerField("concurrent requests", null=True, blank=True,
-                                                 validators=[MinValueValidator(1)], help_text="Empty: no limit.")
     max_keys = models.PositiveIntegerField(default=10, help_text="Keys a person may make for themselves.")
 
     class Meta:
