@@ -445,6 +445,36 @@ async def load_window(url: str, *, model: str, concurrency: int, ramp_s: float, 
     return ramp, window
 
 
+async def load_open(url: str, *, model: str, rate: float, seconds: float, stream: bool, api_key: str | None,
+                    max_tokens: int = 16, path: str = "/v1/chat/completions", client: LoadClient | None = None,
+                    timeout_s: float = 120) -> Sample:
+    """Requests arriving at random (a Poisson process of `rate` a second) for `seconds`, each sent
+    when it arrives whatever is in flight: open-loop load. Unlike load's clients, which send their
+    next request when the last one ends and so, with equal answer times, fall into step with each
+    other, these arrivals never line up (docs/performance.md, gateway_overhead, "after stop 25")."""
+    if client is None:
+        own = LoadClient()
+        try:
+            return await load_open(url, model=model, rate=rate, seconds=seconds, stream=stream, api_key=api_key,
+                                    max_tokens=max_tokens, path=path, client=own, timeout_s=timeout_s)
+        finally:
+            await own.aclose()
+    sample = Sample()
+    body = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": max_tokens,
+            "stream": stream}
+    host, port, payload = _request(url, path, body, api_key)
+    calls, begun = [], time.perf_counter()
+    arrival = begun
+    while arrival - begun < seconds:
+        arrival += random.expovariate(rate)
+        if (wait_s := arrival - time.perf_counter()) > 0:
+            await asyncio.sleep(wait_s)
+        calls.append(asyncio.ensure_future(
+            _timed_call(client, host, port, payload, timeout_s, stream, sample, time.perf_counter())))
+    await asyncio.gather(*calls)
+    return sample
+
+
 def summary(sample: Sample) -> dict:
     return {
         "n": len(sample.latencies_s), "errors": sample.errors, "failures": dict(sample.failures),
