@@ -297,6 +297,28 @@ def nodes_fail_lost() -> list[int]:
     return lost
 
 
+def instances_requeue_lost(*, after_s: float | None = None) -> list[int]:
+    """Send the load again for instances queued longer than `after_s` on a live node that is loading
+    nothing else (beat): their message was lost between the row's commit and its send (Redis went
+    away, or the hub died, in between), and every request for the model would otherwise wait on a
+    load that never starts. The load task claims its row, so a message that was only late runs once."""
+    after_s = settings.PORTEN_REQUEUE_AFTER_S if after_s is None else after_s
+    now = timezone.now()
+    loading = Instance.objects.filter(phase__in=(Phase.DOWNLOADING, Phase.LOADING)).values("node_id")
+    requeued = []
+    for instance in Instance.objects.filter(
+            phase=Phase.QUEUED, updated_at__lt=now - timedelta(seconds=after_s),
+            node__last_heartbeat_at__gte=now - timedelta(seconds=node_stale_s()),
+    ).exclude(node_id__in=loading).select_related("model", "node"):
+        # Sent again at most once per `after_s`, and only while it is still queued.
+        if Instance.objects.filter(pk=instance.pk, phase=Phase.QUEUED).update(updated_at=timezone.now()):
+            logger.warning("the load of %s on %s was queued %.0f s ago and never started: sent again",
+                           instance.model.model_id, instance.node.name, (now - instance.updated_at).total_seconds())
+            instance_enqueue_load(instance)
+            requeued.append(instance.pk)
+    return requeued
+
+
 def nodes_drain_sweep(*, idle_s: float | None = None) -> list[int]:
     """Unload what a draining node still serves once its model is ready elsewhere, or once the model
     had no request for `idle_s` (default: the drain deadline) and none is in flight on it."""

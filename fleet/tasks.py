@@ -5,7 +5,8 @@ from celery import shared_task
 from django.db import close_old_connections
 
 from .placement import (
-    instances_restore_evicted, instances_unload_idle, nodes_drain_sweep, nodes_fail_lost, replicas_autoscale,
+    instances_requeue_lost, instances_restore_evicted, instances_unload_idle, nodes_drain_sweep, nodes_fail_lost,
+    replicas_autoscale,
 )
 
 
@@ -50,5 +51,14 @@ def move_off_draining_nodes() -> list[int]:
     """Unload what draining nodes serve once it is ready elsewhere or unused."""
     try:
         return nodes_drain_sweep()
+    finally:
+        close_old_connections()
+
+
+@shared_task
+def requeue_lost_loads() -> list[int]:
+    """Send again the loads that stayed queued on an idle node: their message was lost."""
+    try:
+        return instances_requeue_lost()
     finally:
         close_old_connections()

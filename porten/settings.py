@@ -252,6 +252,8 @@ PORTEN_DRAIN_DEADLINE_S = env_float("PORTEN_DRAIN_DEADLINE_S", 30.0)
 # 5 s rather than 10: fewer user-seconds of waiting in bench/simulate.py (docs/performance.md).
 PORTEN_BUSY_AGING_S = env_float("PORTEN_BUSY_AGING_S", 5.0)
 PORTEN_IDLE_SWEEP_S = env_float("PORTEN_IDLE_SWEEP_S", 30.0)
+# A load still queued after this long on a live node loading nothing else lost its message: sent again.
+PORTEN_REQUEUE_AFTER_S = env_float("PORTEN_REQUEUE_AFTER_S", 60.0)
 PORTEN_AUTOSCALE_S = env_float("PORTEN_AUTOSCALE_S", 2.0)  # how often replicas and draining nodes are looked at
 PORTEN_SCALE_OUT_AFTER_S = env_float("PORTEN_SCALE_OUT_AFTER_S", 4.0)  # busier than target this long: one more replica
 PORTEN_MAX_BODY_BYTES = env_int("PORTEN_MAX_BODY_BYTES", 4 * 1024 * 1024)
@@ -284,6 +286,7 @@ CELERY_BEAT_SCHEDULE = {
     "autoscale-replicas": {"task": "fleet.tasks.autoscale_replicas", "schedule": PORTEN_AUTOSCALE_S},
     "move-off-draining-nodes": {"task": "fleet.tasks.move_off_draining_nodes", "schedule": PORTEN_AUTOSCALE_S},
     "persist-usage": {"task": "porten.tasks.persist_usage", "schedule": PORTEN_USAGE_PERSIST_S},
+    "requeue-lost-loads": {"task": "fleet.tasks.requeue_lost_loads", "schedule": PORTEN_IDLE_SWEEP_S},
 }
 
 LOGGING = {

@@ -207,3 +207,24 @@ def test_a_hung_engine_is_failed_by_its_liveness_check_and_the_next_request_load
                        timeout=120)
     assert reply.status_code == 200, reply.text
     assert reply.headers["x-porten-cold-start"] == "true"
+
+
+def test_a_load_whose_message_was_lost_is_sent_again_and_runs_once(node_worker, hf):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from fleet.placement import instances_requeue_lost
+
+    model = gemma_model(model_id="gemma-lost")
+    node = Node.objects.get(name=node_worker.name)
+    # As if Redis went away (or the hub died) between the row's commit and the send: no message.
+    instance = Instance.objects.create(model=model, node=node, phase=Phase.QUEUED, gpu_indices=[0],
+                                       vram_mb=model.vram_mb)
+    assert instances_requeue_lost() == [], "a load queued a moment ago is left to its message"
+    Instance.objects.filter(pk=instance.pk).update(updated_at=timezone.now() - timedelta(seconds=120))
+    assert instances_requeue_lost() == [instance.pk]
+    assert instances_requeue_lost() == [], "sent again once, not on every sweep"
+    instance = wait_for_phase(instance.pk, {Phase.READY, Phase.FAILED})
+    assert instance.phase == Phase.READY, instance.last_error
+    assert chat(instance).strip()
