@@ -175,11 +175,11 @@ class Lease:
     wanted_requests: int = 0  # what a lease of this key holds when full
     wanted_tokens: int = 0
     renew_at: float = 0.0
-    renewing: bool = False
+    renewal: asyncio.Task | None = None  # the top-up on its way (held here: the loop keeps no reference)
 
     def due(self, now: float) -> bool:
-        return not self.renewing and (now >= self.renew_at or self.requests * 2 < self.wanted_requests
-                                      or self.tokens * 2 < self.wanted_tokens)
+        return (self.renewal is None or self.renewal.done()) and (
+            now >= self.renew_at or self.requests * 2 < self.wanted_requests or self.tokens * 2 < self.wanted_tokens)
 
 
 def _leases() -> dict[str, Lease]:
@@ -198,8 +198,7 @@ def _from_lease(scope: Scope, estimated_tokens: int) -> Lease | None:
     lease.requests -= 1 if scope.rpm else 0
     lease.tokens -= estimated_tokens if scope.tpm else 0
     if lease.due(now):
-        lease.renewing = True
-        asyncio.get_running_loop().create_task(_top_up(scope, lease), name="porten-lease")
+        lease.renewal = asyncio.get_running_loop().create_task(_top_up(scope, lease), name="porten-lease")
     return lease
 
 
@@ -224,8 +223,6 @@ async def _top_up(scope: Scope, lease: Lease) -> None:
     except Exception as exc:
         _warn_open(exc)  # the lease runs out or lapses as it would have; the next request asks again
         return
-    finally:
-        lease.renewing = False
     _granted(lease, int(got_r), int(got_t), int(requests_left), int(tokens_left))
 
 
