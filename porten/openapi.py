@@ -132,11 +132,12 @@ PATHS = {
     "/v1/embeddings": _token_route("v1_embeddings", "Embeddings (models with the embeddings capability)", "EmbeddingRequest",
                                    streams=False),
     "/public/v1/models/warming": {"get": {
-        "operationId": "public_model_warming", "tags": ["public"], "summary": "How far an offered model is from serving (no key needed)", "security": [],
+        "operationId": "public_model_warming", "tags": ["public"], "summary": "How far an offered model is from serving (no key needed unless PORTEN_PUBLIC_WARMING is off; a key or session sent is held to its scope)",
+        "security": [{}, {"bearerAuth": []}],
         "parameters": [{"name": "model", "in": "query", "required": True, "schema": {"type": "string"}}],
         "responses": {"200": {"description": "Its warming state.", "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/WarmingState"}}}},
-            "400": ERRORS["400"], "404": ERRORS["404"]},
+            "400": ERRORS["400"], "401": ERRORS["401"], "404": ERRORS["404"]},
     }},
     "/healthz": {"get": {
         "operationId": "healthz", "tags": ["public"], "summary": "Whether the hub can reach its database and Redis", "security": [],

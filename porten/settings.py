@@ -257,6 +257,9 @@ PORTEN_REQUEUE_AFTER_S = env_float("PORTEN_REQUEUE_AFTER_S", 60.0)
 PORTEN_AUTOSCALE_S = env_float("PORTEN_AUTOSCALE_S", 2.0)  # how often replicas and draining nodes are looked at
 PORTEN_SCALE_OUT_AFTER_S = env_float("PORTEN_SCALE_OUT_AFTER_S", 4.0)  # busier than target this long: one more replica
 PORTEN_MAX_BODY_BYTES = env_int("PORTEN_MAX_BODY_BYTES", 4 * 1024 * 1024)
+# /public/v1/models/warming without a key or session: on, anyone may follow a load (and so learn
+# which ids are offered); off, it takes a key or a session and answers within the caller's scope.
+PORTEN_PUBLIC_WARMING = env_bool("PORTEN_PUBLIC_WARMING", True)
 # Bad API keys one client address may send per minute before it gets 429s (guessing keys is slowed).
 PORTEN_BAD_KEYS_PER_MINUTE = env_int("PORTEN_BAD_KEYS_PER_MINUTE", 20)
 PORTEN_PREWARM_ON_PICK = env_bool("PORTEN_PREWARM_ON_PICK", True)

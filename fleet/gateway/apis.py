@@ -11,7 +11,9 @@ from django.views.decorators.csrf import csrf_exempt
 
 from catalog.selectors import offered_model_aget
 from fleet.selectors import model_replicas, model_warming_state
-from porten.auth import authenticate_async, bad_key_retry_after, caller_scope, csrf_failure, too_many_bad_keys
+from porten.auth import (
+    authenticate_async, bad_key_retry_after, caller_scope, csrf_failure, session_user, too_many_bad_keys,
+)
 from porten.errors import error_response, invalid_request, model_not_found, unauthorized
 from porten.metrics import rate_limited_count
 
@@ -199,11 +201,21 @@ async def completions(request) -> HttpResponse:
 
 
 async def warming(request) -> HttpResponse:
+    """A load's progress. Open to anyone unless PORTEN_PUBLIC_WARMING is off; a caller that sends a
+    key or a session is held to its scope, as on /v1."""
     model_id = request.GET.get("model", "")
     if not model_id:
         return invalid_request("Give the model id: ?model=ID", param="model")
+    scope = None
+    if request.META.get("HTTP_AUTHORIZATION") or not settings.PORTEN_PUBLIC_WARMING:
+        caller, _ = await authenticate_async(request)
+        if caller is None:
+            return unauthorized()
+        scope = await caller_scope(caller)
+    elif (user := await session_user(request)) is not None and user.is_authenticated:
+        scope = await caller_scope(user)
     model = await offered_model_aget(model_id)
-    if model is None:
+    if model is None or (scope is not None and not scope.allows(model.model_id)):
         return model_not_found(model_id)
     state = await model_warming_state(model)
     return JsonResponse({**state.as_dict(), "replicas": await model_replicas(model)})

@@ -104,3 +104,41 @@ async def test_the_gateway_slows_repeated_bad_keys_too(async_client, settings):
         statuses.append(response.status_code)
     assert statuses == [401, 401, 429, 429]
     redis_client().delete("porten:bad-keys:127.0.0.1")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_warming_endpoint_holds_a_caller_to_its_scope_and_can_be_closed_to_anonymous_callers(
+        client, settings):
+    from django.contrib.auth import get_user_model
+
+    from porten.cache import clear_caches
+    from porten.keys import api_key_create
+    from porten.models import AccessPolicy
+    from tests.factories import CatalogModelFactory
+
+    CatalogModelFactory(model_id="open-model")
+    CatalogModelFactory(model_id="other-model")
+    scoped = api_key_create(name="scoped", allowed_models=["open-model"])[1]
+    person = get_user_model().objects.create_user("wren", password="pw-123456")
+    AccessPolicy.objects.create(user=person, allowed_models=["other-model"])
+    clear_caches()
+
+    def status(model: str, key: str | None = None) -> int:
+        headers = {"HTTP_AUTHORIZATION": f"Bearer {key}"} if key else {}
+        return client.get("/public/v1/models/warming", {"model": model}, **headers).status_code
+
+    # Open (the default): anyone follows a load; a key or a session is held to its scope.
+    assert (status("open-model"), status("other-model")) == (200, 200)
+    assert (status("open-model", scoped), status("other-model", scoped)) == (200, 404)
+    assert status("open-model", "pt-not-a-key") == 401
+    client.force_login(person)
+    assert (status("open-model"), status("other-model")) == (404, 200)
+    client.logout()
+
+    # Closed: a key or a session is needed, and the scope still holds.
+    settings.PORTEN_PUBLIC_WARMING = False
+    response = client.get("/public/v1/models/warming", {"model": "open-model"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert (status("open-model", scoped), status("other-model", scoped)) == (200, 404)
+    client.force_login(person)
+    assert (status("open-model"), status("other-model")) == (404, 200)
