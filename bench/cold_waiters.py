@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 import time
 
 import httpx
 import psutil
 
-from harness import REPO, Stack, cpu_seconds, free_port, load, summary
+from harness import REPO, Stack, cpu_seconds, load, summary
 
 
 async def waiters(url: str, key: str, n: int, ready: asyncio.Event, stop: asyncio.Event) -> list[int]:
@@ -69,10 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     stack = Stack()
     try:
-        stub_port = free_port()
-        stack.start([sys.executable, str(REPO / "bench/stub_engine.py"), "--port", str(stub_port),
-                     "--tokens", "16", "--token-delay-ms", "2"], f"http://127.0.0.1:{stub_port}/health")
-        stack.serving("warm-model", stub_port)
+        stack.start_stub("warm-model")
         from catalog.models import CatalogModel
 
         CatalogModel.objects.create(model_id="cold-model", display_name="cold", hf_repo="bench/cold",

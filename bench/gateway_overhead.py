@@ -186,10 +186,7 @@ def main() -> None:
 
     stack = Stack()
     try:
-        stub_port = free_port()
-        stack.start([sys.executable, str(REPO / "bench/stub_engine.py"), "--port", str(stub_port),
-                     "--tokens", "16", "--token-delay-ms", "2"], f"http://127.0.0.1:{stub_port}/health")
-        stack.serving("stub-model", stub_port)
+        stub_port = stack.start_stub("stub-model")
         key = stack.api_key()
         direct = f"http://127.0.0.1:{stub_port}"
         pipe_port = free_port()

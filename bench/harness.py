@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import random
@@ -150,6 +151,14 @@ class Stack:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/healthz")
         return url
+
+    def start_stub(self, model_id: str, *, tokens: int = 16, token_delay_ms: float = 2) -> int:
+        """bench/stub_engine.py on a free port, serving `model_id` as a ready instance: its port."""
+        port = free_port()
+        self.start([sys.executable, str(REPO / "bench/stub_engine.py"), "--port", str(port), "--tokens", str(tokens),
+                    "--token-delay-ms", str(token_delay_ms)], f"http://127.0.0.1:{port}/health")
+        self.serving(model_id, port)
+        return port
 
     def start(self, argv: list[str], health_url: str, **env: str) -> subprocess.Popen:
         proc = subprocess.Popen(argv, cwd=REPO, env={**self.env, **env}, stdout=subprocess.DEVNULL,
@@ -376,6 +385,19 @@ async def _timed_call(client: LoadClient, host: str, port: int, payload: bytes, 
     sample.latencies_s.append(ended - started)
 
 
+@contextlib.asynccontextmanager
+async def _client_or_own(client: LoadClient | None):
+    """`client`, or connections of the call's own, closed when it ends."""
+    if client is not None:
+        yield client
+        return
+    own = LoadClient()
+    try:
+        yield own
+    finally:
+        await own.aclose()
+
+
 async def load(url: str, *, model: str, concurrency: int, requests: int, stream: bool, api_key: str | None,
                max_tokens: int = 16, path: str = "/v1/chat/completions", spread_s: float = 0.0,
                client: LoadClient | None = None, timeout_s: float = 120) -> Sample:
@@ -388,27 +410,20 @@ async def load(url: str, *, model: str, concurrency: int, requests: int, stream:
     asyncio protocol that writes a request made once and reads its answer as it comes, so that the
     load generator's own CPU, shared with the engine and the proxy on a small machine, stays low
     (docs/performance.md, "How the bench is built")."""
-    if client is None:
-        own = LoadClient()
-        try:
-            return await load(url, model=model, concurrency=concurrency, requests=requests, stream=stream,
-                              api_key=api_key, max_tokens=max_tokens, path=path, spread_s=spread_s, client=own,
-                              timeout_s=timeout_s)
-        finally:
-            await own.aclose()
     sample = Sample()
     body = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": max_tokens,
             "stream": stream}
     host, port, payload = _request(url, path, body, api_key)
     remaining = [requests]
 
-    async def worker():
+    async def worker(client: LoadClient):
         await asyncio.sleep(random.uniform(0, spread_s) if concurrency > 1 else 0)
         while remaining[0] > 0:
             remaining[0] -= 1
             await _timed_call(client, host, port, payload, timeout_s, stream, sample, time.perf_counter())
 
-    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    async with _client_or_own(client) as client:
+        await asyncio.gather(*[worker(client) for _ in range(concurrency)])
     return sample
 
 
@@ -420,14 +435,6 @@ async def load_window(url: str, *, model: str, concurrency: int, ramp_s: float, 
     `window_s` seconds: (the requests started in the ramp, those started in the window). A client
     finishes the request it has in flight when the time is up, so a window's count over `window_s`
     is its throughput (the requests cut at its start make up for those finished after its end)."""
-    if client is None:
-        own = LoadClient()
-        try:
-            return await load_window(url, model=model, concurrency=concurrency, ramp_s=ramp_s, window_s=window_s,
-                                     stream=stream, api_key=api_key, max_tokens=max_tokens, path=path,
-                                     spread_s=spread_s, client=own, timeout_s=timeout_s)
-        finally:
-            await own.aclose()
     ramp, window = Sample(), Sample()
     body = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": max_tokens,
             "stream": stream}
@@ -435,13 +442,14 @@ async def load_window(url: str, *, model: str, concurrency: int, ramp_s: float, 
     begun = time.perf_counter()
     window_from, ends = begun + ramp_s, begun + ramp_s + window_s
 
-    async def worker():
+    async def worker(client: LoadClient):
         await asyncio.sleep(random.uniform(0, spread_s) if concurrency > 1 else 0)
         while (started := time.perf_counter()) < ends:
             await _timed_call(client, host, port, payload, timeout_s, stream,
                               ramp if started < window_from else window, started)
 
-    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    async with _client_or_own(client) as client:
+        await asyncio.gather(*[worker(client) for _ in range(concurrency)])
     return ramp, window
 
 
@@ -452,26 +460,20 @@ async def load_open(url: str, *, model: str, rate: float, seconds: float, stream
     when it arrives whatever is in flight: open-loop load. Unlike load's clients, which send their
     next request when the last one ends and so, with equal answer times, fall into step with each
     other, these arrivals never line up (docs/performance.md, gateway_overhead, "after stop 25")."""
-    if client is None:
-        own = LoadClient()
-        try:
-            return await load_open(url, model=model, rate=rate, seconds=seconds, stream=stream, api_key=api_key,
-                                    max_tokens=max_tokens, path=path, client=own, timeout_s=timeout_s)
-        finally:
-            await own.aclose()
     sample = Sample()
     body = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": max_tokens,
             "stream": stream}
     host, port, payload = _request(url, path, body, api_key)
-    calls, begun = [], time.perf_counter()
-    arrival = begun
-    while arrival - begun < seconds:
-        arrival += random.expovariate(rate)
-        if (wait_s := arrival - time.perf_counter()) > 0:
-            await asyncio.sleep(wait_s)
-        calls.append(asyncio.ensure_future(
-            _timed_call(client, host, port, payload, timeout_s, stream, sample, time.perf_counter())))
-    await asyncio.gather(*calls)
+    async with _client_or_own(client) as client:
+        calls, begun = [], time.perf_counter()
+        arrival = begun
+        while arrival - begun < seconds:
+            arrival += random.expovariate(rate)
+            if (wait_s := arrival - time.perf_counter()) > 0:
+                await asyncio.sleep(wait_s)
+            calls.append(asyncio.ensure_future(
+                _timed_call(client, host, port, payload, timeout_s, stream, sample, time.perf_counter())))
+        await asyncio.gather(*calls)
     return sample
 
 

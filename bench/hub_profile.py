@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import REPO, LoadClient, Stack, apply_layout, cpu_seconds, free_port, layouts, load, summary
+from harness import REPO, LoadClient, Stack, apply_layout, cpu_seconds, layouts, load, summary
 
 CLIENTS = 32
 ANSWER_MS = 32  # the stub's answer time, as in bench/gateway_overhead.py: 16 tokens 2 ms apart
@@ -125,11 +125,7 @@ def main() -> None:
 
     stack = Stack()
     try:
-        stub_port = free_port()
-        stack.start([sys.executable, str(REPO / "bench/stub_engine.py"), "--port", str(stub_port),
-                     "--tokens", str(args.tokens), "--token-delay-ms", str(ANSWER_MS / args.tokens)],
-                    f"http://127.0.0.1:{stub_port}/health")
-        stack.serving("stub-model", stub_port)
+        stack.start_stub("stub-model", tokens=args.tokens, token_delay_ms=ANSWER_MS / args.tokens)
         stats_path = stack.workdir / "hub.pstats"
         hub = stack.start_hub(command=[sys.executable, str(Path(__file__).resolve()), "--hub", str(stats_path)],
                               PORTEN_USAGE_ENABLED="1" if args.limits else "0")

@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 
-from harness import (REPO, LoadClient, Sample, Stack, apply_layout, cpu_seconds, free_port, layouts, load_open, pct,
-                     summary)
+from harness import REPO, LoadClient, Sample, Stack, apply_layout, cpu_seconds, layouts, load_open, pct, summary
 
 TARGET_LIMITS_MS = 0.3  # as in gateway_overhead.py
 
@@ -68,10 +66,7 @@ def main() -> None:
 
     stack = Stack()
     try:
-        stub_port = free_port()
-        stack.start([sys.executable, str(REPO / "bench/stub_engine.py"), "--port", str(stub_port),
-                     "--tokens", "16", "--token-delay-ms", "2"], f"http://127.0.0.1:{stub_port}/health")
-        stack.serving("stub-model", stub_port)
+        stub_port = stack.start_stub("stub-model")
         key, limited = stack.api_key(), stack.api_key(rpm_limit=10**9, tpm_limit=10**9)
         targets = {"direct": (f"http://127.0.0.1:{stub_port}", None)}
         pids = {}
