@@ -142,6 +142,10 @@ def node_worker_factory(transactional_db, tmp_path, hf):
     yield factory
     from fleet.agent.engines.process import stop_all_engines
 
+    # A worker stops once its running load is over: a download the test slowed or broke goes on at
+    # full speed, so that the stop does not wait out the throttle.
+    hf.throttle_bytes_per_s = None
+    hf.clear_faults()
     for worker in workers:
         worker.stop()
         stop_all_engines(worker.name, grace_s=5)
