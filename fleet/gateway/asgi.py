@@ -19,6 +19,7 @@ from porten.errors import error_response, invalid_request
 from porten.metrics import NO_MODEL, process_started, process_stopped, request_observe
 
 from .engine_client import close_engine_session
+from .metering import COUNT_EVERY_PARTS
 
 logger = logging.getLogger(__name__)
 
@@ -166,10 +167,15 @@ async def send_response(response: HttpResponse, send) -> float | None:
         await send({"type": "http.response.body", "body": response.content})
         return None
     source, meter, first_event_at = response.source, response.meter, None
+    passed = meter.passed if meter is not None and not meter.wants_usage else None
     try:
         await send(start)
         async for part in source:
-            if meter is not None and not (part := meter.feed(part)):
+            if passed is not None and not meter.pending and part.endswith(b"\n\n") and b'"usage"' not in part:
+                passed.append(part)  # the common part, kept as metering.StreamMeter says
+                if len(passed) >= COUNT_EVERY_PARTS:
+                    meter.count()
+            elif meter is not None and not (part := meter.feed(part)):
                 continue
             await send({"type": "http.response.body", "body": part, "more_body": True})
             if first_event_at is None and part[:1] != b":" and not part.startswith(b'data: {"error"'):

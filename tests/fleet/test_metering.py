@@ -24,8 +24,11 @@ WITHOUT_USAGE = ROLE + b"".join(TOKENS) + END + DONE
 
 
 class Reads:
+    """`blob` in reads of `size` bytes, or (size 0) an event a read, as engines write."""
+
     def __init__(self, blob: bytes, size: int) -> None:
-        self.parts = iter([blob[i:i + size] for i in range(0, len(blob), size)])
+        self.parts = iter([event + b"\n\n" for event in blob.split(b"\n\n")[:-1]] if size == 0 else
+                          [blob[i:i + size] for i in range(0, len(blob), size)])
 
     def __aiter__(self):
         return self
@@ -48,7 +51,7 @@ async def _relay(blob: bytes, size: int, *, wants_usage: bool) -> tuple[bytes, d
     return out, recorded
 
 
-@pytest.mark.parametrize("size", [1, 7, 13, 50, 10_000])
+@pytest.mark.parametrize("size", [0, 1, 7, 13, 50, 10_000])
 async def test_any_cut_of_the_stream_is_relayed_and_metered_alike(size):
     out, recorded = await _relay(WITH_USAGE, size, wants_usage=False)
     assert out == WITHOUT_USAGE and recorded == {"prompt_tokens": 3, "completion_tokens": 5}
@@ -68,7 +71,7 @@ FAILED = _event({"error": {"message": "The model could not be loaded.", "type": 
                            "code": "model_load_failed", "status": 503}})
 
 
-@pytest.mark.parametrize("size", [1, 13, 10_000])
+@pytest.mark.parametrize("size", [0, 1, 13, 10_000])
 async def test_a_stream_no_engine_answered_records_nothing_used(size):
     # A cold load that failed: keep-alive comments, then the error event. Nothing reached an engine.
     out, recorded = await _relay(WARMING + FAILED, size, wants_usage=False)
@@ -78,3 +81,23 @@ async def test_a_stream_no_engine_answered_records_nothing_used(size):
     # Once the engine answered, a stream that ends without usage still charges the estimated prompt.
     out, recorded = await _relay(WARMING + ROLE + TOKENS[0], size, wants_usage=False)
     assert recorded == {"prompt_tokens": None, "completion_tokens": 1}
+
+
+# Usage chunks as engines write them: llama.cpp's server (keys sorted, no spaces), vLLM's (more
+# fields), and one whose chunk still has a choice (vLLM's continuous usage): each is read, and only
+# a chunk without choices is dropped.
+LLAMA_USAGE = (b'data: {"choices":[],"created":1,"id":"a","model":"m","object":"chat.completion.chunk",'
+               b'"usage":{"completion_tokens":5,"prompt_tokens":3,"total_tokens":8}}\n\n')
+VLLM_USAGE = _event({"id": "a", "object": "chat.completion.chunk", "choices": [],
+                     "usage": {"prompt_tokens": 3, "total_tokens": 8, "completion_tokens": 5,
+                               "prompt_tokens_details": None}})
+WITH_CHOICE = _event({"id": "a", "choices": [{"delta": {}, "finish_reason": "length"}],
+                      "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}})
+
+
+@pytest.mark.parametrize("size", [0, 7, 10_000])
+@pytest.mark.parametrize("usage, dropped", [(LLAMA_USAGE, True), (VLLM_USAGE, True), (WITH_CHOICE, False)])
+async def test_engines_usage_chunks_are_read_and_dropped_only_without_choices(size, usage, dropped):
+    out, recorded = await _relay(ROLE + b"".join(TOKENS) + usage + DONE, size, wants_usage=False)
+    assert recorded == {"prompt_tokens": 3, "completion_tokens": 5}
+    assert out == ROLE + b"".join(TOKENS) + (b"" if dropped else usage) + DONE

@@ -19,6 +19,7 @@ from porten.models import UsageRecord
 from porten.usage import usage_persist
 from tests.conftest import REPO_ROOT, hub_command, service_env, wait_for_http
 from tests.fleet.conftest import BROKEN_REPO, offered
+from tests.porten.test_metrics import scrape, value
 from tests.services_plugin import free_port
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
@@ -142,3 +143,7 @@ def test_usage_recorded_is_what_clients_were_told(live_hub, node_worker, hf):
     assert rows[0].prompt_tokens >= plain["prompt_tokens"] + streamed_usage["prompt_tokens"]
     broken = UsageRecord.objects.get(api_key__isnull=False, model_id="broken-usage")
     assert (broken.requests, broken.prompt_tokens, broken.completion_tokens) == (1, 0, 0)
+    # The same figures in the hub's token counter (porten_tokens_total), added with each flush.
+    found = scrape(live_hub.url)
+    assert value(found, "porten_tokens_total", model="gemma-usage", kind="completion") == rows[0].completion_tokens
+    assert value(found, "porten_tokens_total", model="gemma-usage", kind="prompt") == rows[0].prompt_tokens
