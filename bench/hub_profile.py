@@ -3,6 +3,7 @@
     python bench/hub_profile.py                 # streamed, 16 tokens per answer
     python bench/hub_profile.py --tokens 4      # with the default run: CPU per token and per request
     python bench/hub_profile.py --plain         # answers sent whole
+    python bench/hub_profile.py --compare 3     # no profile: the judged hub against the limits hub
 
 Two passes over one hub. The first measures the hub's CPU time per request (user and system,
 from /proc) as it runs. The second sends the same load with Python's cProfile switched on in the
@@ -10,6 +11,12 @@ hub for that pass only (by signal) and prints, per request, the calls and the
 own time of the packages and functions that take the most. The profiler slows the hub about
 twofold and weighs call-heavy code more, so read its times as shares and its call counts as they
 are. A profile this flat (nothing over a few per cent) says that no single change will cut much.
+
+With --compare N, two hubs run side by side: the judged one (usage off, a key without limits) and
+the limits one (usage on, a key under limits it never reaches), as gateway_overhead's rows run
+them; each measured pass puts one of them on a core of its own, the two taking turns N times, and
+the hub CPU per request of each pass is printed. A pass moves by about ±0.03 ms from the next, so
+read the difference of the means of three or more.
 
 The stub spaces the tokens so that every answer takes 32 ms, whatever the number of tokens: the
 request rate stays the same, and runs with `--tokens 4` and `--tokens 16` split the CPU per
@@ -111,6 +118,39 @@ async def passes(hub: str, key: str, pid: int, *, stream: bool, tokens: int, req
         await client.aclose()
 
 
+async def cpu_pass(hub: str, key: str, pid: int, *, stream: bool, tokens: int, requests: int) -> tuple[float, float]:
+    """One measured pass: (the hub's CPU ms per request, the p50 ms)."""
+    client = LoadClient()
+    try:
+        warm = await load(hub, model="stub-model", concurrency=CLIENTS, requests=400, stream=stream, api_key=key,
+                          max_tokens=tokens, client=client)
+        before = cpu_seconds(pid)
+        sample = await load(hub, model="stub-model", concurrency=CLIENTS, requests=requests, stream=stream,
+                            api_key=key, max_tokens=tokens, spread_s=summary(warm)["p50_ms"] / 1000, client=client)
+        return (cpu_seconds(pid) - before) / requests * 1000, summary(sample)["p50_ms"]
+    finally:
+        await client.aclose()
+
+
+def compare(stack: Stack, rounds: int, *, stream: bool, tokens: int, requests: int) -> None:
+    hubs = {"judged": (stack.start_hub(PORTEN_USAGE_ENABLED="0"), stack.api_key(), stack.hub.pid)}
+    hubs["limits"] = (stack.start_hub(PORTEN_USAGE_ENABLED="1"), stack.api_key(rpm_limit=10**9, tpm_limit=10**9),
+                      stack.hub.pid)
+    passes: dict[str, list[tuple[float, float]]] = {name: [] for name in hubs}
+    for turn in range(rounds):
+        for name in hubs if turn % 2 == 0 else reversed(hubs):
+            url, key, pid = hubs[name]
+            apply_layout(layouts([pid])[-1][1])
+            passes[name].append(asyncio.run(cpu_pass(url, key, pid, stream=stream, tokens=tokens, requests=requests)))
+    print(f"{'stream' if stream else 'plain'}, {tokens} tokens, {CLIENTS} clients, {requests} requests a pass, "
+          "hub CPU ms per request (p50 ms):")
+    for name, rows in passes.items():
+        mean = sum(cpu for cpu, _ in rows) / len(rows)
+        print(f"  {name:<7} " + "  ".join(f"{cpu:.3f} ({p50:.2f})" for cpu, p50 in rows) + f"   mean {mean:.3f}")
+    gap = [sum(cpu for cpu, _ in passes[name]) / rounds for name in hubs]
+    print(f"  limits and usage cost {(gap[1] - gap[0]) * 1000:+.0f} µs of hub CPU per request")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16, help="tokens per answer, spread over 32 ms")
@@ -121,11 +161,15 @@ def main() -> None:
     parser.add_argument("--limits", action="store_true",
                         help="usage accounting on and a key under limits it never reaches (gateway_overhead's "
                              "porten+limits row); without it, both off (its judged row)")
+    parser.add_argument("--compare", type=int, default=0, metavar="ROUNDS",
+                        help="no profile: CPU per request of the judged hub against the limits hub, in turns")
     args = parser.parse_args()
 
     stack = Stack()
     try:
         stack.start_stub("stub-model", tokens=args.tokens, token_delay_ms=ANSWER_MS / args.tokens)
+        if args.compare:
+            return compare(stack, args.compare, stream=not args.plain, tokens=args.tokens, requests=args.requests)
         stats_path = stack.workdir / "hub.pstats"
         hub = stack.start_hub(command=[sys.executable, str(Path(__file__).resolve()), "--hub", str(stats_path)],
                               PORTEN_USAGE_ENABLED="1" if args.limits else "0")

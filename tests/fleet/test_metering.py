@@ -4,6 +4,7 @@ the meter records what the client was told."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
@@ -101,3 +102,44 @@ async def test_engines_usage_chunks_are_read_and_dropped_only_without_choices(si
     out, recorded = await _relay(ROLE + b"".join(TOKENS) + usage + DONE, size, wants_usage=False)
     assert recorded == {"prompt_tokens": 3, "completion_tokens": 5}
     assert out == ROLE + b"".join(TOKENS) + (b"" if dropped else usage) + DONE
+
+
+async def test_a_tally_redis_refused_is_kept_for_the_next_flush_and_counted_once(settings):
+    """Usage a hub could not write to Redis goes with its next write; the token counter, added to
+    at each flush, counts it once."""
+    from porten.loops import forget_loop_objects
+    from porten.metrics import HUB
+    from porten.redis import aredis_client, redis_client
+    from porten.scopes import Scope
+    from porten.usage import PENDING_KEY
+
+    from fleet.gateway.usage import UsageTally
+
+    model, redis_url = f"tally-{uuid.uuid4().hex[:8]}", settings.REDIS_URL
+    scope = Scope(bucket="key:tally", api_key_id=987_654)
+    tally = UsageTally()
+
+    def counted(kind: str) -> float | None:
+        return HUB.get_sample_value("porten_tokens_total", {"model": model, "kind": kind})
+
+    try:
+        settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+        forget_loop_objects()
+        tally.add(scope, model, prompt_tokens=3, completion_tokens=5)
+        await tally.flush()
+        assert (counted("prompt"), counted("completion")) == (3, 5)
+        assert not [name for name in redis_client().hkeys(PENDING_KEY) if f"|{model}|" in name], "not written"
+        tally.add(scope, model, prompt_tokens=1, completion_tokens=1)
+        settings.REDIS_URL = redis_url
+        forget_loop_objects()
+        await tally.flush()
+        assert (counted("prompt"), counted("completion")) == (4, 6), "counted once"
+        written = {name: int(amount) for name, amount in (await aredis_client().hgetall(PENDING_KEY)).items()
+                   if f"|{model}|" in name}
+        assert {name[-1]: amount for name, amount in written.items()} == {"r": 2, "p": 4, "c": 6}
+        await aredis_client().hdel(PENDING_KEY, *written)
+    finally:
+        if tally.task is not None:
+            tally.task.cancel()
+        settings.REDIS_URL = redis_url
+        forget_loop_objects()
