@@ -7,6 +7,7 @@ import json
 import uuid
 
 import pytest
+import redis
 
 from fleet.gateway.metering import Meter, StreamMeter, metered
 
@@ -109,7 +110,7 @@ async def test_a_tally_redis_refused_is_kept_for_the_next_flush_and_counted_once
     at each flush, counts it once."""
     from porten.loops import forget_loop_objects
     from porten.metrics import HUB
-    from porten.redis import aredis_client, redis_client
+    from porten.redis import aredis_client
     from porten.scopes import Scope
     from porten.usage import PENDING_KEY
 
@@ -128,7 +129,8 @@ async def test_a_tally_redis_refused_is_kept_for_the_next_flush_and_counted_once
         tally.add(scope, model, prompt_tokens=3, completion_tokens=5)
         await tally.flush()
         assert (counted("prompt"), counted("completion")) == (3, 5)
-        assert not [name for name in redis_client().hkeys(PENDING_KEY) if f"|{model}|" in name], "not written"
+        fields = redis.Redis.from_url(redis_url, decode_responses=True).hkeys(PENDING_KEY)
+        assert not [name for name in fields if f"|{model}|" in name], "not written"
         tally.add(scope, model, prompt_tokens=1, completion_tokens=1)
         settings.REDIS_URL = redis_url
         forget_loop_objects()
