@@ -116,7 +116,12 @@ def move_soon(model: CatalogModel) -> None:
         except PlacementError as exc:
             logger.info("%s stays on its draining node for now: %s", model.model_id, exc.reason)
 
-    asyncio.get_running_loop().create_task(move())
+    task = asyncio.get_running_loop().create_task(move(), name="porten-move")
+    _moving.add(task)  # held until done: the loop keeps only a weak reference to a task
+    task.add_done_callback(_moving.discard)
+
+
+_moving: set[asyncio.Task] = set()
 
 
 def forget_route(model: CatalogModel) -> None:
