@@ -239,6 +239,8 @@ PORTEN_SUPERVISE_S = env_float("PORTEN_SUPERVISE_S", 2.0)
 # A running engine that answers no liveness check for this long (hung, or stopped) is failed and stopped.
 PORTEN_LIVENESS_S = env_float("PORTEN_LIVENESS_S", 20.0)
 PORTEN_ENGINE_LOAD_TIMEOUT_S = env_float("PORTEN_ENGINE_LOAD_TIMEOUT_S", 600.0)
+# A download that fails is asked again after 0.5 s, doubling up to this long, 6 tries without progress in all.
+PORTEN_DOWNLOAD_BACKOFF_MAX_S = env_float("PORTEN_DOWNLOAD_BACKOFF_MAX_S", 8.0)
 PORTEN_LLAMA_SERVER_BIN = env_str("PORTEN_LLAMA_SERVER_BIN", "")
 PORTEN_LLAMA_SERVER_PARALLEL = env_int("PORTEN_LLAMA_SERVER_PARALLEL", 1)  # llama-server's --parallel slots
 PORTEN_VLLM_BIN = env_str("PORTEN_VLLM_BIN", "vllm")

@@ -45,7 +45,8 @@ def node_engine(name: str) -> Engine:
 
 
 def model_store() -> ModelStore:
-    return ModelStore(settings.PORTEN_MODEL_DIR, node=settings.PORTEN_NODE_NAME)
+    return ModelStore(settings.PORTEN_MODEL_DIR, node=settings.PORTEN_NODE_NAME,
+                      backoff_max_s=settings.PORTEN_DOWNLOAD_BACKOFF_MAX_S)
 
 
 def weights_source(model: CatalogModel) -> WeightsSource:

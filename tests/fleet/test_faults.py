@@ -82,7 +82,7 @@ def assert_never_backwards(values: list[int], what: str) -> None:
 def test_hub_5xx_stall_and_reset_are_retried_with_backoff_and_progress_never_goes_back(
         node_worker_factory, hf, event_log):
     # The client gives up on a silent body after 2 s; huggingface_hub then resumes it with a Range.
-    worker = node_worker_factory(HF_HUB_DOWNLOAD_TIMEOUT="2")
+    worker = node_worker_factory(HF_HUB_DOWNLOAD_TIMEOUT="2", PORTEN_DOWNLOAD_BACKOFF_MAX_S="1")
     model = gemma_model("gemma-flaky")
     events = event_log(model.model_id)
     hf.throttle_bytes_per_s = 150_000_000
@@ -117,10 +117,11 @@ def test_hub_5xx_stall_and_reset_are_retried_with_backoff_and_progress_never_goe
     assert "try 2 of 6" in worker.log.read_text()
 
 
-def test_hub_answering_5xx_past_the_retries_fails_the_load_with_the_reason(node_worker, hf):
+def test_hub_answering_5xx_past_the_retries_fails_the_load_with_the_reason(node_worker_factory, hf):
+    worker = node_worker_factory(PORTEN_DOWNLOAD_BACKOFF_MAX_S="1")  # waits of 0.5, 1, 1, 1, 1 s
     model = gemma_model("gemma-down")
     hf.fault(GGUF_NAME, "status", times=100, status=502)
-    instance = wait_for_phase(instance_create(model=model, node=Node.objects.get(name=node_worker.name)).pk,
+    instance = wait_for_phase(instance_create(model=model, node=Node.objects.get(name=worker.name)).pk,
                               {Phase.READY, Phase.FAILED}, timeout_s=60)
     assert instance.phase == Phase.FAILED
     assert f"download of {GGUF_NAME} from {GEMMA_REPO} failed after 6 tries" in instance.last_error
